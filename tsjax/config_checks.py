@@ -1,0 +1,86 @@
+"""Early, readable validation of ml_collections configs.
+
+Every check raises ``ValueError`` naming the dotted config field and what was
+expected, so a bad config fails before anything is traced or compiled.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config field is missing or holds a value of the wrong kind or range."""
+
+
+def get_field(config: Any, path: str) -> Any:
+  """Returns ``config.<path>`` or raises ConfigError naming the missing field."""
+  node = config
+  walked = []
+  for part in path.split("."):
+    walked.append(part)
+    try:
+      if isinstance(node, (dict, ml_collections.ConfigDict)):
+        node = node[part]
+      else:
+        node = getattr(node, part)
+    except (KeyError, AttributeError):
+      raise ConfigError(
+          f"config field '{'.'.join(walked)}' is missing (needed as "
+          f"'{path}'); add it to the config file or pass "
+          f"--config.{path}=VALUE") from None
+  return node
+
+
+def require_fields(config: Any, paths: Iterable[str]) -> None:
+  for path in paths:
+    get_field(config, path)
+
+
+def check_number(config: Any, path: str, *, low: float | None = None,
+                 high: float | None = None, low_open: bool = False,
+                 integer: bool = False) -> float:
+  """Checks ``config.<path>`` is a finite number inside [low, high]."""
+  value = get_field(config, path)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ConfigError(f"config field '{path}' must be a number, got "
+                      f"{value!r} ({type(value).__name__})")
+  if integer and int(value) != value:
+    raise ConfigError(f"config field '{path}' must be an integer, got {value!r}")
+  if not math.isfinite(value):
+    raise ConfigError(f"config field '{path}' must be finite, got {value!r}")
+  if low is not None:
+    if low_open and not value > low:
+      raise ConfigError(f"config field '{path}' must be > {low}, got {value!r}")
+    if not low_open and not value >= low:
+      raise ConfigError(f"config field '{path}' must be >= {low}, got {value!r}")
+  if high is not None and not value <= high:
+    raise ConfigError(f"config field '{path}' must be <= {high}, got {value!r}")
+  return value
+
+
+def check_choice(config: Any, path: str, choices: Sequence[Any]) -> Any:
+  value = get_field(config, path)
+  if value not in choices:
+    raise ConfigError(f"config field '{path}' must be one of "
+                      f"{list(choices)}, got {value!r}")
+  return value
+
+
+def check_sequence_choices(config: Any, path: str,
+                           choices: Sequence[Any]) -> tuple:
+  value = get_field(config, path)
+  if isinstance(value, str):
+    value = tuple(v.strip() for v in value.split(",") if v.strip())
+  value = tuple(value)
+  if not value:
+    raise ConfigError(f"config field '{path}' must name at least one of "
+                      f"{list(choices)}")
+  for v in value:
+    if v not in choices:
+      raise ConfigError(f"config field '{path}' has unknown entry {v!r}; "
+                        f"expected entries from {list(choices)}")
+  return value

@@ -1,0 +1,1 @@
+"""Data: synthetic low-rank teacher–student problems (and, later, images)."""

@@ -1,0 +1,65 @@
+"""Losses shared by methods and attacks. Per-example unless a reduction is named.
+
+``kl`` is the single KL implementation in tsjax; its reduction is explicit:
+``"batchmean"`` (sum over classes, mean over the batch; the default),
+``"mean"`` (element-wise mean over batch x classes, PyTorch ``nn.KLDivLoss()``),
+``"sum"`` and ``"none"`` (per-example [B]).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+KL_REDUCTIONS = ("batchmean", "mean", "sum", "none")
+
+
+def squared_error(pred: jax.Array, target: jax.Array) -> jax.Array:
+  """Per-example ``0.5 * ||pred - target||^2`` ([B]); Tian's training loss."""
+  diff = (pred - target).reshape(pred.shape[0], -1)
+  return 0.5 * jnp.sum(diff * diff, axis=1)
+
+
+def mean_squared_error(pred: jax.Array, target: jax.Array) -> jax.Array:
+  """Per-example mean over outputs of ``(pred - target)^2`` ([B])."""
+  diff = (pred - target).reshape(pred.shape[0], -1)
+  return jnp.mean(diff * diff, axis=1)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example cross-entropy; ``labels`` are ints [B] or probabilities [B, C]."""
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  if labels.ndim == logits.ndim:
+    return -jnp.sum(labels * logp, axis=-1)
+  return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+
+
+def kl(target_logits: jax.Array, logits: jax.Array, *, temperature: float = 1.0,
+       reduction: str = "batchmean") -> jax.Array:
+  """KL(softmax(target/T) || softmax(logits/T)), reduced as named.
+
+  Gradient flows into both arguments; wrap ``target_logits`` in
+  ``jax.lax.stop_gradient`` where a method detaches it.
+  """
+  if reduction not in KL_REDUCTIONS:
+    raise ValueError(f"unknown KL reduction {reduction!r}; expected one of "
+                     f"{KL_REDUCTIONS}")
+  logp = jax.nn.log_softmax(target_logits / temperature, axis=-1)
+  logq = jax.nn.log_softmax(logits / temperature, axis=-1)
+  elem = jnp.exp(logp) * (logp - logq)
+  if reduction == "mean":
+    return jnp.mean(elem)
+  per_example = jnp.sum(elem, axis=-1)
+  if reduction == "none":
+    return per_example
+  if reduction == "sum":
+    return jnp.sum(per_example)
+  return jnp.mean(per_example)
+
+
+def margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example ``max_{j != y} z_j - z_y`` (> 0 iff misclassified); CW loss."""
+  z_y = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+  other = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool),
+                    -jnp.inf, logits)
+  return jnp.max(other, axis=-1) - z_y
