@@ -1,0 +1,76 @@
+"""Shared plumbing of experiment modules: work dirs, config files, JSON rows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  blob = json.dumps(config_dict(config), sort_keys=True).encode()
+  return hashlib.sha256(blob).hexdigest()[:8]
+
+
+def default_workdir(name: str, config_arg: str,
+                    config: ml_collections.ConfigDict) -> str:
+  """``runs/<name>_<variant>_<hash>``: the same config resumes, another one
+  gets its own directory."""
+  variant = config_arg.replace(",", "-") if config_arg else "default"
+  return os.path.join("runs", f"{name}_{variant}_{config_hash(config)}")
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = []
+    for k in sorted(set(a) | set(b)):
+      out += _diff(a.get(k, "<missing>"), b.get(k, "<missing>"),
+                   f"{prefix}{k}.")
+    return out
+  return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Creates ``workdir`` and records the config; refuses to resume a run made
+  with a different config (ValueError naming the differing fields)."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  new = config_dict(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    diffs = _diff(old, new)
+    if diffs:
+      raise ValueError(
+          f"work dir {workdir!r} holds a run made with a different config "
+          f"({'; '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}); pass "
+          f"another --workdir or delete that directory to start afresh")
+  else:
+    atomic_write(path, json.dumps(new, indent=2, sort_keys=True))
+
+
+def atomic_write(path: str, text: str | bytes) -> None:
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def to_jsonable(x):
+  if isinstance(x, dict):
+    return {k: to_jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [to_jsonable(v) for v in x]
+  if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+    a = np.asarray(x)
+    return a.item() if a.ndim == 0 else a.tolist()
+  return x

@@ -1,0 +1,311 @@
+r"""Teacher–student robustness study (Yang et al., AISTATS 2021).
+
+Trains over-parameterised students of low-rank-data ReLU teachers under every
+configured regime (standard, PGD-AT, CCAT, off-subspace augmentation, training
+on a robust-feature data set) for a batch of seeds at once, then measures
+student specialization (in the data subspace and on full-rank data), the
+first-layer weight drift off the subspace, and robust error.
+
+  python -m experiments.teacher_student --config configs/teacher_student.py
+  python -m experiments.teacher_student --config configs/teacher_student.py:smoke \
+      --workdir /tmp/ts_smoke --config.num_seeds=3
+
+Writes to the work dir: config.json, checkpoints/ (Orbax; a killed run resumes
+where it stopped), results.jsonl (one row per regime x seed, every metric and
+the config), summary.md and summary.json (table, Spearman correlations, checks
+of the paper's claims), specialization_vs_robust_error.png and
+success_per_teacher_node.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", "configs/teacher_student.py",
+    "Experiment config (ml_collections file, optional ':variant').",
+    lock_config=True)
+flags.DEFINE_string("workdir", None,
+                    "Output directory (default: runs/teacher_student_<variant>"
+                    "_<config hash>; the same config resumes there).")
+
+
+def run(config, workdir: str, *, progress: bool = True,
+        stop_after_chunks: int | None = None) -> dict | None:
+  """Runs (or resumes) the study; returns final states and metrics.
+
+  ``stop_after_chunks`` stops after that many newly trained chunks (each
+  followed by a checkpoint), as a kill would; the result is then ``None``.
+  """
+  import jax
+  if config.dtype == "float64":
+    jax.config.update("jax_enable_x64", True)
+  import jax.numpy as jnp
+  import numpy as np
+  from tqdm import tqdm
+
+  from experiments import common
+  from tsjax.train import CheckpointStore, seed_keys, seed_sweep
+  from tsjax.train import teacher_student as ts
+
+  study = ts.TeacherStudent(config)            # validates; nothing compiled yet
+  common.prepare_workdir(workdir, config)
+  seeds = list(range(config.seed, config.seed + config.num_seeds))
+  say = print if progress else logging.info
+  say(f"teacher-student study: {len(seeds)} seeds x {len(study.regimes)} "
+      f"regimes on {jax.device_count()} {jax.default_backend()} device(s); "
+      f"work dir {workdir}")
+
+  keys = seed_keys(config.seed, config.num_seeds)
+  problems = seed_sweep(study.problem)(keys)
+  init = seed_sweep(study.init_state)(problems)
+  states = {r: init for r in study.regimes}
+
+  total = int(config.train.steps)
+  every = int(config.checkpoint_every) if config.checkpoint_every else total
+  chunks = [(r, s, min(every, total - s)) for r in study.regimes
+            for s in range(0, total, max(every, 1))]
+  store = CheckpointStore(os.path.join(workdir, "checkpoints"))
+  done = 0
+  restored = store.restore_latest({"states": states})
+  if restored is not None:
+    done, tree = restored
+    states = tree["states"]
+    say(f"resumed from checkpoint after {done} of {len(chunks)} chunks")
+
+  trainers, datasets = {}, {}
+
+  def dataset(regime):
+    if regime not in ts.TRAINED_ON_SYNTHESIZED:
+      return problems["x_train"]
+    if regime not in datasets:
+      src = config.robust_features.source
+      datasets[regime] = seed_sweep(study.robust_dataset)(states[src], problems)
+    return datasets[regime]
+
+  bar = tqdm(total=total * len(study.regimes), initial=sum(
+      n for _, _, n in chunks[:done]), unit="step", disable=not progress,
+      dynamic_ncols=True, desc="training")
+  newly = 0
+  for i in range(done, len(chunks)):
+    regime, start, n = chunks[i]
+    bar.set_description(f"{regime:>15s}")
+    if regime not in trainers:
+      trainers[regime] = seed_sweep(
+          lambda st, pb, x, steps, r=regime: study.train(r, st, pb, steps, x),
+          static_argnums=(3,))
+    state, stats = trainers[regime](states[regime], problems, dataset(regime), n)
+    bad = [s for s, ok in zip(seeds, np.asarray(stats["all_finite"])) if not ok]
+    if bad:
+      raise FloatingPointError(
+          f"non-finite loss or gradient in regime {regime!r}, seeds {bad}, "
+          f"steps {start}..{start + n}; the last good checkpoint (chunk {i}) "
+          f"in {workdir} is intact. Lower config.train.lr or the attack radii.")
+    states[regime] = state
+    store.save(i + 1, {"states": states})
+    bar.update(n)
+    bar.set_postfix(loss=f"{float(np.mean(stats['loss'])):.3g}")
+    newly += 1
+    if stop_after_chunks is not None and newly >= stop_after_chunks \
+        and i + 1 < len(chunks):
+      bar.close()
+      store.close()
+      return None
+  bar.close()
+  store.close()
+
+  evaluate = seed_sweep(study.evaluate)
+  metrics = {}
+  for regime in study.regimes:
+    metrics[regime] = evaluate(states[regime], problems, dataset(regime))
+  metrics = jax.tree.map(np.asarray, metrics)
+  report(config, workdir, seeds, metrics)
+  return {"states": states, "metrics": metrics}
+
+
+# ------------------------------------------------------------------ reporting
+SUMMARY_KEYS = (
+    ("spec_in/mean_best", "spec in", "{:.3f}"),
+    ("spec_full/mean_best", "spec full", "{:.3f}"),
+    ("drift_perp", "P_perp drift", "{:.2e}"),
+    ("clean_in/mse", "clean MSE", "{:.2e}"),
+    ("robust_full/rel_mse", "robust rel-MSE", "{:.3g}"),
+    ("robust_in/rel_mse", "robust-in rel-MSE", "{:.3g}"),
+    ("robust_orth/rel_mse", "robust-orth rel-MSE", "{:.3g}"),
+)
+
+
+def _threshold_index(config, value=0.95):
+  th = list(config.eval.thresholds)
+  return th.index(value) if value in th else len(th) - 1
+
+
+def report(config, workdir, seeds, metrics) -> dict:
+  """Writes results.jsonl, summary.{md,json} and the plots; prints the table."""
+  import numpy as np
+  from experiments import common
+  from tsjax.metrics.stats import spearman
+
+  cfg = common.config_dict(config)
+  rows = []
+  for regime, m in metrics.items():
+    for i, seed in enumerate(seeds):
+      row = {"regime": regime, "seed": seed,
+             "eval_restarts": int(config.eval.restarts),
+             **{k: common.to_jsonable(v[i]) for k, v in m.items()},
+             "config": cfg}
+      rows.append(row)
+  common.atomic_write(os.path.join(workdir, "results.jsonl"),
+                      "".join(json.dumps(r) + "\n" for r in rows))
+
+  present = [k for k in SUMMARY_KEYS if k[0] in next(iter(metrics.values()))]
+  lines = ["| regime | " + " | ".join(h for _, h, _ in present) + " |",
+           "|---" * (len(present) + 1) + "|"]
+  table = {}
+  for regime, m in metrics.items():
+    cells, table[regime] = [], {}
+    for key, _, fmt in present:
+      v = np.asarray(m[key], np.float64)
+      table[regime][key] = {"mean": float(v.mean()), "std": float(v.std()),
+                            "values": v.tolist()}
+      cells.append(f"{fmt.format(v.mean())} ± {fmt.format(v.std())}")
+    lines.append(f"| {regime} | " + " | ".join(cells) + " |")
+
+  def across(key):
+    return np.concatenate([np.asarray(m[key], np.float64)
+                           for m in metrics.values()])
+
+  corr = {}
+  for att in config.eval.attacks:
+    for where in ("full", "in"):
+      corr[f"spec_{where} vs robust_{att}/mse"] = spearman(
+          across(f"spec_{where}/mean_best"), across(f"robust_{att}/mse"))
+  checks = claims(config, metrics, corr)
+  n_runs = len(seeds) * len(metrics)
+  text = [f"# Teacher–student study: {len(seeds)} seeds x {len(metrics)} "
+          f"regimes ({n_runs} runs)", "",
+          f"Robust error: l{config.eval.norm[1:]} PGD, eps = "
+          f"{config.eval.eps_frac} x sigma sqrt(k), {config.eval.steps} steps, "
+          f"{config.eval.restarts} restarts (keep-best); rel-MSE = MSE / teacher"
+          " output variance. Mean ± std over seeds.", "", *lines, "",
+          f"Spearman rank correlation across all {n_runs} runs:", ""]
+  text += [f"- {k}: {v:+.3f}" for k, v in corr.items()]
+  text += ["", "Checks of the paper's claims (computed, not tuned):", ""]
+  text += [f"- {c['name']}: {c['detail']} -> {'PASS' if c['ok'] else 'FAIL'}"
+           for c in checks]
+  summary = "\n".join(text) + "\n"
+  common.atomic_write(os.path.join(workdir, "summary.md"), summary)
+  common.atomic_write(os.path.join(workdir, "summary.json"), json.dumps(
+      {"table": table, "spearman": corr, "checks": checks, "seeds": seeds,
+       "config": cfg}, indent=2))
+  print(summary)
+  plots(config, workdir, metrics)
+  return {"table": table, "spearman": corr, "checks": checks}
+
+
+def claims(config, metrics, corr) -> list[dict]:
+  """The issue's C1–C3, evaluated on whatever regimes were run."""
+  import numpy as np
+  mean = lambda r, k: float(np.mean(metrics[r][k]))
+  out = []
+  if "standard" in metrics:
+    v = mean("standard", "spec_in/mean_best")
+    out.append({"name": "C1 standard, in-subspace mean best corr >= 0.9",
+                "detail": f"{v:.3f} (multi={config.student.multi})",
+                "ok": bool(v >= 0.9)})
+    if not config.train.weight_decay:
+      v = float(np.max(metrics["standard"]["drift_perp"]))
+      out.append({"name": "C2 standard, max P_perp drift <= 1e-5",
+                  "detail": f"{v:.2e}", "ok": bool(v <= 1e-5)})
+    for r in ("pgd_at", "offsubspace"):
+      if r in metrics:
+        v = float(np.min(metrics[r]["drift_perp"]))
+        out.append({"name": f"C2 {r}, min P_perp drift clearly > 0 (> 1e-3)",
+                    "detail": f"{v:.2e}", "ok": bool(v > 1e-3)})
+    full = mean("standard", "spec_full/mean_best")
+    inn = mean("standard", "spec_in/mean_best")
+    out.append({"name": "C3 standard, full-rank spec < in-subspace spec",
+                "detail": f"{full:.3f} < {inn:.3f}", "ok": bool(full < inn)})
+    for r in ("offsubspace", "pgd_at"):
+      if r in metrics:
+        v = mean(r, "spec_full/mean_best")
+        out.append({"name": f"C3 {r} full-rank spec > standard's",
+                    "detail": f"{v:.3f} > {full:.3f}", "ok": bool(v > full)})
+  key = "spec_full vs robust_full/mse"
+  if key in corr:
+    out.append({"name": "C3 Spearman(full-rank spec, robust error) < 0 "
+                        "(paper: strongly negative)",
+                "detail": f"{corr[key]:+.3f}", "ok": bool(corr[key] < 0)})
+  return out
+
+
+def plots(config, workdir, metrics) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  for ax, where, title in ((axes[0], "full", "full-rank eval data"),
+                           (axes[1], "in", "in-subspace eval data")):
+    for regime, m in metrics.items():
+      ax.scatter(m[f"spec_{where}/mean_best"], m["robust_full/rel_mse"],
+                 label=regime, s=28, alpha=0.8)
+    ax.set_xlabel(f"mean best teacher–student correlation ({title})")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("robust error (worst-case MSE / teacher var.)")
+  axes[1].legend(fontsize=8)
+  fig.suptitle("Student specialization vs robust error (each point: one run)")
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "specialization_vs_robust_error.png"),
+              dpi=120)
+  plt.close(fig)
+
+  ti = _threshold_index(config)
+  thr = list(config.eval.thresholds)[ti]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  for ax, where, title in ((axes[0], "in", "in-subspace eval data"),
+                           (axes[1], "full", "full-rank eval data")):
+    for regime, m in metrics.items():
+      rate = np.asarray(m[f"spec_{where}/layer0/success"])[:, ti, :].mean(0)
+      ax.plot(np.arange(len(rate)), rate, marker="o", label=regime)
+    ax.set_xlabel("teacher node index (strong -> weak)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel(f"success rate (best corr > {thr}) over seeds")
+  axes[1].legend(fontsize=8)
+  fig.suptitle("Specialization success per teacher node (first hidden layer)")
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "success_per_teacher_node.png"), dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = FLAGS.config
+  logging.set_verbosity(logging.WARNING)   # Orbax logs every save at INFO
+  from experiments import common
+  arg = ""
+  raw = [a for a in sys.argv if a.startswith("--config=") or a == "--config"]
+  if raw:
+    spec = raw[0].split("=", 1)[1] if "=" in raw[0] else sys.argv[
+        sys.argv.index("--config") + 1]
+    arg = spec.split(":", 1)[1] if ":" in spec else ""
+  workdir = FLAGS.workdir or common.default_workdir("teacher_student", arg,
+                                                    config)
+  t0 = time.time()
+  run(config, workdir)
+  print(f"done in {time.time() - t0:.0f} s; results in {workdir}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,160 @@
+"""End-to-end checks of experiments/teacher_student.py: outputs, resume, CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs.teacher_student import get_config
+from experiments import teacher_student as exp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**over):
+  c = get_config("smoke")
+  c.num_seeds = 2
+  c.data.n_train = 256
+  c.data.n_eval = 128
+  c.train.steps = 120
+  c.checkpoint_every = 40
+  c.robust_features.steps = 10
+  c.eval.restarts = 2
+  c.eval.steps = 3
+  c.eval.corr_batch = 50          # 128 = 2 x 50 + 28: exercises the masked tail
+  for k, v in over.items():
+    node = c
+    *path, leaf = k.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def test_outputs(tmp_path):
+  c = tiny_config()
+  out = exp.run(c, str(tmp_path), progress=False)
+  rows = [json.loads(l) for l in open(tmp_path / "results.jsonl")]
+  assert len(rows) == len(c.regimes) * c.num_seeds
+  assert {(r["regime"], r["seed"]) for r in rows} == {
+      (g, s) for g in c.regimes for s in range(c.seed, c.seed + c.num_seeds)}
+  for r in rows:
+    assert r["config"]["data"]["d"] == c.data.d
+    assert r["eval_restarts"] == c.eval.restarts
+    for key in ("spec_in/mean_best", "spec_full/mean_best", "drift_perp",
+                "robust_full/mse", "robust_in/mse", "robust_orth/mse",
+                "clean_in/mse", "spec_in/layer0/best_corr"):
+      assert key in r, key
+    assert len(r["spec_in/layer0/best_corr"]) == c.teacher.widths[0]
+    # Robust error is a maximum over a ball containing the clean point.
+    assert r["robust_full/mse"] >= r["clean_in/mse"] - 1e-12
+  # Rows carry exactly the returned metrics.
+  m = out["metrics"]["pgd_at"]["spec_full/mean_best"]
+  got = [r["spec_full/mean_best"] for r in rows if r["regime"] == "pgd_at"]
+  np.testing.assert_allclose(got, m)
+  summary = json.load(open(tmp_path / "summary.json"))
+  assert set(summary["table"]) == set(c.regimes)
+  assert "spec_full vs robust_full/mse" in summary["spearman"]
+  assert (tmp_path / "summary.md").read_text().startswith("# Teacher")
+  for png in ("specialization_vs_robust_error.png",
+              "success_per_teacher_node.png"):
+    data = (tmp_path / png).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def _params(result):
+  return jax.tree.map(np.asarray, {r: s.params for r, s in
+                                   result["states"].items()})
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  c = tiny_config(regimes=("standard", "pgd_at", "robust_features"))
+  full = exp.run(c, str(tmp_path / "a"), progress=False)
+  # "Kill" after 4 of the 9 chunks (standard done, pgd_at one third) ...
+  assert exp.run(c, str(tmp_path / "b"), progress=False,
+                 stop_after_chunks=4) is None
+  ckpts = sorted(os.listdir(tmp_path / "b" / "checkpoints"))
+  assert "4" in ckpts and "9" not in ckpts
+  # ... then resume in a fresh call: it must end with identical parameters.
+  resumed = exp.run(c, str(tmp_path / "b"), progress=False)
+  a, b = _params(full), _params(resumed)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  np.testing.assert_array_equal(full["metrics"]["robust_features"]["drift_perp"],
+                                resumed["metrics"]["robust_features"]["drift_perp"])
+  # The resumed run really trained fewer chunks (its checkpoints continue).
+  assert "9" in os.listdir(tmp_path / "b" / "checkpoints")
+
+
+def test_resume_refuses_other_config(tmp_path):
+  c = tiny_config(regimes=("standard",))
+  exp.run(c, str(tmp_path), progress=False, stop_after_chunks=1)
+  c2 = tiny_config(regimes=("standard",))
+  c2.train.lr = 0.02
+  with pytest.raises(ValueError, match=r"train\.lr"):
+    exp.run(c2, str(tmp_path), progress=False)
+
+
+def _cli(workdir, *extra):
+  return [sys.executable, "-m", "experiments.teacher_student",
+          "--config", "configs/teacher_student.py:smoke",
+          f"--workdir={workdir}", "--config.num_seeds=1",
+          "--config.data.n_train=200", "--config.data.n_eval=64",
+          "--config.eval.corr_batch=32", "--config.robust_features.steps=5",
+          *extra]
+
+
+def test_cli_overrides_and_bad_field(tmp_path):
+  env = {**os.environ, "XLA_FLAGS": ""}
+  p = subprocess.run(_cli(tmp_path / "ok", "--config.train.steps=60",
+                          "--config.checkpoint_every=30",
+                          "--config.regimes=standard,offsubspace"),
+                     cwd=ROOT, env=env, capture_output=True, text=True,
+                     timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  rows = [json.loads(l) for l in open(tmp_path / "ok" / "results.jsonl")]
+  assert {r["regime"] for r in rows} == {"standard", "offsubspace"}
+  assert rows[0]["config"]["train"]["steps"] == 60
+  bad = subprocess.run(_cli(tmp_path / "bad", "--config.adv.eps_frac=-1"),
+                       cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert bad.returncode != 0
+  assert "adv.eps_frac" in bad.stderr and ">= 0" in bad.stderr
+  assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume(tmp_path):
+  """A real kill mid-run (SIGKILL after the first checkpoint) resumes to the
+  same parameters as an uninterrupted run."""
+  env = {**os.environ, "XLA_FLAGS": ""}
+  args = ("--config.train.steps=3000", "--config.checkpoint_every=500",
+          "--config.regimes=standard,pgd_at")
+  ref = subprocess.run(_cli(tmp_path / "ref", *args), cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  p = subprocess.Popen(_cli(tmp_path / "run", *args), cwd=ROOT, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ck = tmp_path / "run" / "checkpoints"
+  deadline = time.time() + 600
+  while time.time() < deadline:
+    if ck.exists() and any(n.isdigit() and int(n) >= 3 for n in os.listdir(ck)):
+      break
+    time.sleep(0.05)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert not (tmp_path / "run" / "results.jsonl").exists()
+  again = subprocess.run(_cli(tmp_path / "run", *args), cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resumed from checkpoint" in again.stdout
+  a = [json.loads(l) for l in open(tmp_path / "ref" / "results.jsonl")]
+  b = [json.loads(l) for l in open(tmp_path / "run" / "results.jsonl")]
+  for ra, rb in zip(a, b):
+    assert ra["drift_perp"] == rb["drift_perp"]
+    assert ra["spec_full/layer0/best_corr"] == rb["spec_full/layer0/best_corr"]
