@@ -71,11 +71,15 @@ def check_choice(config: Any, path: str, choices: Sequence[Any]) -> Any:
 
 
 def check_sequence_choices(config: Any, path: str,
-                           choices: Sequence[Any]) -> tuple:
+                           choices: Sequence[str]) -> tuple:
+  """A non-empty tuple of names from ``choices`` (comma-separated strings are
+  accepted, as command-line overrides produce them)."""
   value = get_field(config, path)
   if isinstance(value, str):
-    value = tuple(v.strip() for v in value.split(",") if v.strip())
-  value = tuple(value)
+    value = (value,)
+  # "--config.regimes=a,b" arrives as ("a,b",): split such entries.
+  value = tuple(v.strip() for item in value for v in str(item).split(",")
+                if v.strip())
   if not value:
     raise ConfigError(f"config field '{path}' must name at least one of "
                       f"{list(choices)}")
