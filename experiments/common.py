@@ -29,6 +29,19 @@ def default_workdir(name: str, config_arg: str,
   return os.path.join("runs", f"{name}_{variant}_{config_hash(config)}")
 
 
+def config_arg_from_argv(argv, default: str = "") -> str:
+  """The ``:variant`` of ``--config path.py:variant`` on the command line."""
+  for i, a in enumerate(argv):
+    spec = None
+    if a.startswith("--config="):
+      spec = a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(argv):
+      spec = argv[i + 1]
+    if spec is not None:
+      return spec.split(":", 1)[1] if ":" in spec else default
+  return default
+
+
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
   if isinstance(a, dict) and isinstance(b, dict):
     out = []

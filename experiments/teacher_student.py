@@ -294,12 +294,7 @@ def main(argv):
   config = FLAGS.config
   logging.set_verbosity(logging.WARNING)   # Orbax logs every save at INFO
   from experiments import common
-  arg = ""
-  raw = [a for a in sys.argv if a.startswith("--config=") or a == "--config"]
-  if raw:
-    spec = raw[0].split("=", 1)[1] if "=" in raw[0] else sys.argv[
-        sys.argv.index("--config") + 1]
-    arg = spec.split(":", 1)[1] if ":" in spec else ""
+  arg = common.config_arg_from_argv(sys.argv)
   workdir = FLAGS.workdir or common.default_workdir("teacher_student", arg,
                                                     config)
   t0 = time.time()

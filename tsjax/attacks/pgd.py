@@ -7,7 +7,8 @@ probabilities), AdvFunMatch (KL between two networks both recomputed at
 ``x_adv``) and CW (margin).
 
 * norms: ``"linf"`` (sign steps) and ``"l2"`` (normalised-gradient steps);
-* ``random_start``: uniform start in the ball;
+* ``random_start``: uniform start in the ball (or Gaussian with
+  ``start_std``);
 * ``restarts``: independent runs, ``vmap``-ed, the best per example kept;
 * ``bounds``: optional box, e.g. ``(0.0, 1.0)`` for images;
 * ``U`` and ``restrict`` (``"in"`` / ``"orth"``): perturb only inside span(U)
@@ -48,7 +49,7 @@ def pgd(loss_fn: LossFn, x: jax.Array, key: jax.Array, *, eps, step_size,
         steps: int, norm: str = "linf", restarts: int = 1,
         random_start: bool = True, bounds=None, U: jax.Array | None = None,
         restrict: str | None = None, keep_best: bool = True,
-        return_loss: bool = False):
+        return_loss: bool = False, start_std: float | None = None):
   """Projected gradient ascent of ``loss_fn`` in the eps-ball around ``x``.
 
   Args:
@@ -62,6 +63,8 @@ def pgd(loss_fn: LossFn, x: jax.Array, key: jax.Array, *, eps, step_size,
     restarts: independent runs (vmapped); per example the run with the
       highest loss wins.
     random_start: start uniformly in the ball (else at ``x``).
+    start_std: with ``random_start``, start at ``x + start_std * N(0, I)``
+      instead (TRADES / RSLAD / PeerAiD use 0.001), then project.
     bounds: optional ``(low, high)`` box for ``x_adv``.
     U, restrict: optional subspace restriction (see ``tsjax.attacks.norms``).
     keep_best: return the best iterate (incl. the start and the last) rather
@@ -78,7 +81,9 @@ def pgd(loss_fn: LossFn, x: jax.Array, key: jax.Array, *, eps, step_size,
     return vals, vjp(jnp.ones_like(vals))[0]
 
   def one_run(k):
-    if random_start:
+    if random_start and start_std is not None:
+      delta = start_std * jax.random.normal(k, x.shape, x.dtype)
+    elif random_start:
       delta = N.random_in_ball(k, x, eps, norm, U=U, restrict=restrict)
     else:
       delta = jnp.zeros_like(x)
