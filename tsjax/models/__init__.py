@@ -1,12 +1,120 @@
-"""Flax linen models and a name -> constructor registry."""
+"""Flax linen models and a name -> constructor registry.
 
+Registry names (``get_model(name, **kwargs)``):
+
+  ``mlp``              MLP(widths, outputs, ...)            teacher / student
+  ``small_cnn``        SmallCNN(num_classes, mean, std, features, hidden)
+  ``preact_resnet18``  PreActResNet18(num_classes, mean, std, width, final_bn)
+  ``resnet18``         ResNet18(num_classes, mean, std, width)
+  ``wide_resnet``      WideResNet(depth, widen_factor, dropout, num_classes, mean, std)
+  ``wrn34_10``         WideResNet with depth=34, widen_factor=10 fixed
+  ``wrn28_10``         WideResNet with depth=28, widen_factor=10 fixed
+  ``mobilenet_v2``     MobileNetV2(num_classes, mean, std, activation)
+
+Every image model also takes ``dtype`` / ``param_dtype``, expects NHWC float
+images in [0, 1] (normalised inside with ``mean`` / ``std``) and is called as
+``apply(variables, x, train=False, return_hidden=False)``; see
+``tsjax.models.cnn`` for the shared conventions. ``check_input_shape(name or
+model, shape)`` raises a ValueError naming the expected HxWxC when a model
+cannot take a shape, before anything is traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+
+from tsjax.models.cnn import SmallCNN, max_pool_2x2
 from tsjax.models.mlp import MLP, student_widths, check_student_widths
+from tsjax.models.mobilenet import MobileNetV2
+from tsjax.models.resnet import PreActResNet18, ResNet18
+from tsjax.models.wide_resnet import WideResNet
 
-REGISTRY = {"mlp": MLP}
+
+def _preset(cls, **fixed) -> Callable[..., nn.Module]:
+  """A constructor for ``cls`` with some fields fixed (overriding them fails)."""
+
+  def build(**kwargs):
+    clash = sorted(set(kwargs) & set(fixed))
+    if clash:
+      raise ValueError(f"this preset fixes {', '.join(clash)} "
+                       f"({fixed}); use 'wide_resnet' to choose them")
+    return cls(**fixed, **kwargs)
+
+  build.model_class = cls
+  build.fixed = fixed
+  return build
+
+
+REGISTRY = {
+    "mlp": MLP,
+    "small_cnn": SmallCNN,
+    "preact_resnet18": PreActResNet18,
+    "resnet18": ResNet18,
+    "wide_resnet": WideResNet,
+    "wrn34_10": _preset(WideResNet, depth=34, widen_factor=10),
+    "wrn28_10": _preset(WideResNet, depth=28, widen_factor=10),
+    "mobilenet_v2": MobileNetV2,
+}
+
+
+def _options(name: str) -> list[str]:
+  entry = REGISTRY[name]
+  cls = getattr(entry, "model_class", entry)
+  fixed = getattr(entry, "fixed", {})
+  return [f.name for f in dataclasses.fields(cls)
+          if f.init and f.name not in ("parent", "name") and f.name not in fixed]
 
 
 def get_model(name: str, **kwargs):
-  """Builds a model by registry name; unknown names raise ValueError."""
+  """Builds a model by registry name; unknown names or options raise ValueError."""
   if name not in REGISTRY:
     raise ValueError(f"unknown model {name!r}; known models: {sorted(REGISTRY)}")
+  fixed = getattr(REGISTRY[name], "fixed", {})  # overrides: the preset says
+  unknown = sorted(set(kwargs) - set(_options(name)) - set(fixed) - {"name"})
+  if unknown:
+    raise ValueError(f"model {name!r} has no option(s) {unknown}; its options: "
+                     f"{_options(name)}")
   return REGISTRY[name](**kwargs)
+
+
+def check_input_shape(model: str | nn.Module, shape: Sequence[int],
+                      **kwargs: Any) -> None:
+  """Raises ValueError (naming the expected shape) unless ``model`` takes ``shape``.
+
+  ``model`` is a registry name (built with ``kwargs``, e.g. ``mean`` for the
+  channel count) or a model instance; ``shape`` is ``(H, W, C)`` or
+  ``(N, H, W, C)`` for image models and ``(N, d)`` for the MLP. Rules:
+
+  * ``small_cnn``: H and W multiples of 2**len(features) (4 by default) and at
+    least that, e.g. 28x28x1 or 32x32x3;
+  * ``preact_resnet18``, ``resnet18``, ``mobilenet_v2``: H, W >= 8 (their total
+    stride), designed for 32x32x3;
+  * ``wide_resnet`` / ``wrn*``: H, W >= 4 (total stride), designed for 32x32x3;
+  * every image model: C equals the number of per-channel ``mean`` / ``std``
+    entries when they have more than one.
+  """
+  if isinstance(model, str):
+    if model == "mlp":
+      shape = tuple(shape)
+      if len(shape) != 2 or shape[1] < 1:
+        raise ValueError(f"mlp expects inputs of shape (N, d), got {shape}")
+      return
+    model = get_model(model, **kwargs)
+  elif kwargs:
+    raise ValueError("kwargs are only used with a registry name")
+  if isinstance(model, MLP):
+    return check_input_shape("mlp", shape)
+  check = getattr(model, "check_input_shape", None)
+  if check is None:
+    raise ValueError(f"no input-shape rule for {type(model).__name__}")
+  check(shape)
+
+
+__all__ = [
+    "MLP", "SmallCNN", "PreActResNet18", "ResNet18", "WideResNet",
+    "MobileNetV2", "REGISTRY", "get_model", "check_input_shape",
+    "max_pool_2x2", "student_widths", "check_student_widths",
+]

@@ -63,10 +63,12 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
   os.makedirs(workdir, exist_ok=True)
   store = CheckpointStore(os.path.join(workdir, "checkpoints"))
   best_store = CheckpointStore(os.path.join(workdir, "best"), max_to_keep=1)
+  copy = lambda t: jax.tree.map(jnp.copy, t)   # the step donates the state
   carry = {
       "state": state,
-      "ema": state.params if ema_decay else {},
-      "swa": {"params": state.params, "model_state": state.model_state,
+      "ema": copy(state.params) if ema_decay else {},
+      "swa": {"params": copy(state.params),
+              "model_state": copy(state.model_state),
               "count": jnp.zeros((), jnp.int32)} if swa_start_epoch is not None
              else {},
       "best_metric": jnp.asarray(-jnp.inf, jnp.float32),
@@ -176,8 +178,8 @@ def _train_epoch(state, step_fn, batches, ctx, epoch, epochs, steps_per_epoch,
 
 
 def _batch_size(batch):
-  leaves = jax.tree.leaves(batch)
-  return leaves[0].shape[0] if leaves else 0
+  shapes = [l.shape for l in jax.tree.leaves(batch) if getattr(l, "ndim", 0)]
+  return shapes[0][0] if shapes else 1
 
 
 def _flush(pending, state, epoch, workdir, writer):
