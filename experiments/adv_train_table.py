@@ -21,12 +21,15 @@ import time
 
 from absl import app, flags, logging
 
-flags.DEFINE_string("dataset", "fashion_mnist", "Data set variant.")
-flags.DEFINE_string("methods", "standard,pgd_at,trades,ccat", "Methods.")
-flags.DEFINE_multi_string("override", [], "FIELD=VALUE for every method.")
-flags.DEFINE_string("workdir", "runs/adv_train_table", "Output directory.")
-flags.DEFINE_string("out", None, "Also write the Markdown table here.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_string("dataset", "fashion_mnist", "Data set variant.")
+  flags.DEFINE_string("methods", "standard,pgd_at,trades,ccat", "Methods.")
+  flags.DEFINE_multi_string("override", [], "FIELD=VALUE for every method.")
+  flags.DEFINE_string("workdir", "runs/adv_train_table", "Output directory.")
+  flags.DEFINE_string("out", None, "Also write the Markdown table here.")
 
 
 def apply_override(config, item: str) -> None:
@@ -92,4 +95,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

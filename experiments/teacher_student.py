@@ -28,13 +28,18 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", "configs/teacher_student.py",
-    "Experiment config (ml_collections file, optional ':variant').",
-    lock_config=True)
-flags.DEFINE_string("workdir", None,
-                    "Output directory (default: runs/teacher_student_<variant>"
-                    "_<config hash>; the same config resumes there).")
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (so the
+  experiment modules can be imported together, e.g. by tests)."""
+  config_flags.DEFINE_config_file(
+      "config", "configs/teacher_student.py",
+      "Experiment config (ml_collections file, optional ':variant').",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None,
+                      "Output directory (default: runs/teacher_student_<variant>"
+                      "_<config hash>; the same config resumes there).")
 
 
 def run(config, workdir: str, *, progress: bool = True,
@@ -303,4 +308,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -24,12 +24,18 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", "configs/adv_train.py",
-    "Experiment config (ml_collections file with ':dataset,method[,smoke]').",
-    lock_config=True)
-flags.DEFINE_string("workdir", None,
-                    "Output directory (default: runs/train_<variant>_<hash>).")
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (so the
+  experiment modules can be imported together, e.g. by tests)."""
+  config_flags.DEFINE_config_file(
+      "config", "configs/adv_train.py",
+      "Experiment config (ml_collections file with ':dataset,method[,smoke]').",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None,
+                      "Output directory (default: runs/train_<variant>_<hash>).")
+
 
 METHODS = ("standard", "pgd_at", "trades", "ccat")
 
@@ -289,4 +295,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

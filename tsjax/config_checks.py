@@ -48,10 +48,10 @@ def check_number(config: Any, path: str, *, low: float | None = None,
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     raise ConfigError(f"config field '{path}' must be a number, got "
                       f"{value!r} ({type(value).__name__})")
-  if integer and int(value) != value:
-    raise ConfigError(f"config field '{path}' must be an integer, got {value!r}")
   if not math.isfinite(value):
     raise ConfigError(f"config field '{path}' must be finite, got {value!r}")
+  if integer and int(value) != value:
+    raise ConfigError(f"config field '{path}' must be an integer, got {value!r}")
   if low is not None:
     if low_open and not value > low:
       raise ConfigError(f"config field '{path}' must be > {low}, got {value!r}")
@@ -88,3 +88,9 @@ def check_sequence_choices(config: Any, path: str,
       raise ConfigError(f"config field '{path}' has unknown entry {v!r}; "
                         f"expected entries from {list(choices)}")
   return value
+
+
+def is_positive_int(value: Any) -> bool:
+  """True for an int (or integral float) >= 1; False for bools, NaN, inf."""
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and value >= 1 and int(value) == value)

@@ -36,8 +36,11 @@ from tsjax.methods.teacher_student import (AttackConfig, Networks,
 
 
 def ccat_lambda(delta_norm: jax.Array, eps, rho: float) -> jax.Array:
-  """CCAT power transition; 0 at ``delta = 0`` and 1 at ``||delta|| >= eps``."""
-  r = jnp.minimum(1.0, delta_norm / eps)
+  """CCAT power transition; 0 at ``delta = 0`` and 1 at ``||delta|| >= eps``
+  (with ``eps = 0`` every perturbation is zero and lambda is 0)."""
+  eps = jnp.asarray(eps, delta_norm.dtype)
+  safe = jnp.where(eps > 0, eps, 1.0)
+  r = jnp.where(eps > 0, jnp.minimum(1.0, delta_norm / safe), 0.0)
   return 1.0 - (1.0 - r) ** rho
 
 

@@ -59,9 +59,9 @@ def check_student_widths(teacher_widths: Sequence[int],
     raise ValueError(f"student has {len(widths)} hidden layers, teacher "
                      f"{len(teacher_widths)}; they must match")
   for i, (t, s) in enumerate(zip(teacher_widths, widths)):
-    if s % t:
-      raise ValueError(f"student width {s} of hidden layer {i} is not a "
-                       f"multiple of the teacher width {t}")
+    if isinstance(s, bool) or not isinstance(s, int) or s < t or s % t:
+      raise ValueError(f"student width {s!r} of hidden layer {i} must be a "
+                       f"positive integer multiple of the teacher width {t}")
 
 
 def init_mlp(module: MLP, key: jax.Array, d: int, dtype=jnp.float32):

@@ -84,7 +84,7 @@ def validate(config) -> None:
   cc.check_number(config, "data.noise_in", low=0)
   cc.check_number(config, "data.noise_out", low=0)
   widths = tuple(config.teacher.widths)
-  if not widths or any(int(w) != w or w < 1 for w in widths):
+  if not widths or not all(cc.is_positive_int(w) for w in widths):
     raise cc.ConfigError(f"config field 'teacher.widths' must be a non-empty "
                          f"tuple of positive integers, got {widths!r}")
   cc.check_number(config, "teacher.outputs", low=1, integer=True)
@@ -97,8 +97,7 @@ def validate(config) -> None:
     except ValueError as e:
       raise cc.ConfigError(f"config field 'student.multi': {e}") from None
   else:
-    if isinstance(multi, bool) or not isinstance(multi, (int, float)) or \
-        multi < 1 or int(multi) != multi:
+    if not cc.is_positive_int(multi):
       raise cc.ConfigError(
           f"config field 'student.multi' must be a positive integer (student "
           f"width = multi x teacher width) or a tuple of student widths that "
@@ -122,6 +121,10 @@ def validate(config) -> None:
                            f"[-1, 1], got {t!r}")
   cc.check_number(config, "eval.corr_batch", low=1, integer=True)
   cc.check_number(config, "ccat.rho", low=0, low_open=True)
+  if "ccat" in regimes and not config.adv.eps_frac > 0:
+    raise cc.ConfigError("config field 'adv.eps_frac' must be > 0 when 'ccat' "
+                         "is among the regimes (CCAT's transition divides by "
+                         "eps)")
   cc.check_number(config, "ccat.clean_fraction", low=0, high=1)
   cc.check_number(config, "offsubspace.scale", low=0)
   cc.check_number(config, "offsubspace.fraction", low=0, high=1)

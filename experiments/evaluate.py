@@ -1,0 +1,156 @@
+r"""Robustness report of a trained tsjax classifier.
+
+  python -m experiments.evaluate --config configs/evaluate.py \
+      --config.checkpoint=RUN_DIR [--config.which=last] [--workdir OUT]
+
+Loads the model and data set from RUN_DIR/config.json (a work dir of
+experiments.train), the best (validation-selected) or last parameters, and
+reports clean, FGSM, PGD-20, CW-inf and AutoAttack accuracy on the test split.
+Writes eval.json and eval.md to the work dir; AutoAttack progress is kept in
+the work dir, so a killed evaluation resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (so the
+  experiment modules can be imported together, e.g. by tests)."""
+  config_flags.DEFINE_config_file("config", "configs/evaluate.py",
+                                  "Evaluation config.", lock_config=True)
+  flags.DEFINE_string("workdir", None,
+                      "Output directory (default: CHECKPOINT/eval_<which>).")
+
+
+def load_classifier(run_dir: str, which: str = "best"):
+  """``(model, params, model_state, train_config, test_set)`` of a run."""
+  import ml_collections
+  from tsjax import models
+  from tsjax.data import images
+  from tsjax.train import CheckpointStore
+
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"config field 'checkpoint': {run_dir!r} is not a work dir of "
+        f"experiments.train (no config.json there)")
+  cfg = ml_collections.ConfigDict(json.load(open(path)))
+  test = images.load_from_config(cfg, "test")
+  train = images.load_from_config(cfg, "train")
+  model = models.get_model(cfg.model.name, num_classes=train.num_classes,
+                           mean=train.mean, std=train.std,
+                           **cfg.model.kwargs.to_dict())
+  if which == "best":
+    store = CheckpointStore(os.path.join(run_dir, "best"), max_to_keep=1)
+    if store.latest_step() is None:
+      raise FileNotFoundError(f"no best/ checkpoint in {run_dir}; use "
+                              f"--config.which=last")
+    tree = store.restore_raw()
+    params, ms = tree["params"], tree.get("model_state", {}) or {}
+  elif which == "last":
+    store = CheckpointStore(os.path.join(run_dir, "checkpoints"))
+    tree = store.restore_raw()
+    params, ms = tree["state"]["params"], tree["state"].get("model_state") or {}
+  else:
+    raise ValueError(f"config field 'which' must be 'best' or 'last', got "
+                     f"{which!r}")
+  store.close()
+  return model, params, ms, cfg, test
+
+
+def run(config, workdir: str, progress: bool = True) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from experiments import common
+  from tsjax import config_checks as cc
+  from tsjax.attacks.autoattack import VERSIONS, autoattack
+  from tsjax.data import images
+  from tsjax.methods.common import ImageAttack, logits_fn
+  from tsjax.train import classifier as clf
+
+  if not config.checkpoint:
+    raise cc.ConfigError("config field 'checkpoint' is required: the work dir "
+                         "of an experiments.train run")
+  cc.check_choice(config, "norm", ("linf", "l2"))
+  cc.check_choice(config, "aa_version", tuple(VERSIONS))
+  for f in ("pgd_steps", "cw_steps", "batch_size"):
+    cc.check_number(config, f, low=1, integer=True)
+  model, params, ms, tcfg, test = load_classifier(config.checkpoint,
+                                                  config.which)
+  eps = float(config.eps if config.eps >= 0 else tcfg.eval.eps)
+  n = config.subset or len(test)
+  x, y = test.images[:n], test.labels[:n]
+  os.makedirs(workdir, exist_ok=True)
+  key = jax.random.key(int(config.seed))
+  att = lambda steps: ImageAttack(norm=config.norm, eps=eps,
+                                  step_size=2.5 * eps / steps, steps=steps)
+  fgsm = ImageAttack(norm=config.norm, eps=eps, step_size=eps, steps=1,
+                     random_start=False)
+  step = clf.make_eval_step(model, {
+      "fgsm": ("ce", fgsm), f"pgd{config.pgd_steps}": ("ce", att(config.pgd_steps)),
+      "cw": ("cw", att(config.cw_steps))})
+  t0 = time.time()
+  r = clf.evaluate(step, params, ms, images.eval_batches(
+      x, y, int(config.batch_size), shard=False), key)
+  res = {k: v for k, v in r.items() if k.endswith("/acc")}
+  res["num_examples"] = r["num_examples"]
+  res["seconds_pgd"] = time.time() - t0
+  if config.autoattack:
+    m = config.aa_subset or n
+    f = logits_fn(model, params, ms, "eval")
+    t0 = time.time()
+    aa = autoattack(f, x[:m].astype(np.float32) / 255.0, y[:m], key,
+                    norm=config.norm, eps=eps, version=config.aa_version,
+                    batch_size=int(config.batch_size), state_dir=workdir,
+                    progress=progress)
+    res.update({"autoattack/acc": aa["robust_acc"],
+                "autoattack/clean_acc": aa["clean_acc"],
+                "autoattack/num_examples": m,
+                "autoattack/after": aa["robust_acc_after"],
+                "autoattack/warnings": aa["warnings"],
+                "seconds_autoattack": time.time() - t0})
+  out = {"checkpoint": config.checkpoint, "which": config.which,
+         "norm": config.norm, "eps": eps, "results": res,
+         "config": common.config_dict(config)}
+  common.atomic_write(os.path.join(workdir, "eval.json"),
+                      json.dumps(common.to_jsonable(out), indent=2))
+  lines = [f"# {config.checkpoint} ({config.which}), {config.norm} eps {eps:g}",
+           "", "| attack | accuracy | examples |", "|---|---|---|"]
+  for k in ("clean/acc", "fgsm/acc", f"pgd{config.pgd_steps}/acc", "cw/acc"):
+    lines.append(f"| {k.split('/')[0]} | {res[k]:.4f} | {res['num_examples']} |")
+  if config.autoattack:
+    for a, v in res["autoattack/after"].items():
+      lines.append(f"| AA after {a} | {v:.4f} | {res['autoattack/num_examples']} |")
+    lines.append(f"| AutoAttack ({config.aa_version}) | {res['autoattack/acc']:.4f}"
+                 f" | {res['autoattack/num_examples']} |")
+  text = "\n".join(lines) + "\n"
+  common.atomic_write(os.path.join(workdir, "eval.md"), text)
+  if progress:
+    print(text)
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  config = FLAGS.config
+  workdir = FLAGS.workdir or os.path.join(config.checkpoint or ".",
+                                          f"eval_{config.which}")
+  run(config, workdir)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,55 @@
+"""Shared pytest setup for the tsjax test suite.
+
+* Four virtual CPU devices (``--xla_force_host_platform_device_count=4``) so
+  the seed sweep's ``shard_map`` path is exercised on a CPU-only machine. This
+  must happen before jax initialises its backends, i.e. before ``import jax``.
+* 64-bit mode: the study's default dtype is float64; float32 tests pass their
+  dtypes explicitly.
+* The repository root on ``sys.path`` so ``configs`` (and ``tsjax`` without an
+  install) import.
+"""
+
+import os
+import sys
+
+_FLAG = "--xla_force_host_platform_device_count=4"
+_existing = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _existing:
+  os.environ["XLA_FLAGS"] = (_existing + " " + _FLAG).strip()
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+import jax  # noqa: E402  (must follow the XLA_FLAGS setup above)
+
+jax.config.update("jax_enable_x64", True)
+
+import pytest  # noqa: E402
+
+from configs import teacher_student as ts_configs  # noqa: E402
+
+
+def shrink(config):
+  """The smoke config shrunk further so a whole study runs in seconds."""
+  config.num_seeds = 2
+  config.data.n_train = 256
+  config.data.n_eval = 128
+  config.train.steps = 200
+  config.eval.restarts = 2
+  config.eval.steps = 3
+  config.eval.corr_batch = 64
+  config.robust_features.steps = 10
+  return config
+
+
+@pytest.fixture(scope="session")
+def make_small_config():
+  """Factory of fresh small configs (for module-scoped fixtures)."""
+  return lambda: shrink(ts_configs.get_config("smoke"))
+
+
+@pytest.fixture
+def small_config(make_small_config):
+  """``configs.teacher_student`` ("smoke") shrunk to run in seconds."""
+  return make_small_config()
