@@ -57,6 +57,14 @@ class CheckpointStore:
     tree = self._mngr.restore(int(step), args=ocp.args.StandardRestore(abstract))
     return _from_storable(tree, like)
 
+  def restore_raw(self, step: int | None = None) -> Any:
+    """Restores a step (default: the latest) as saved, without a template:
+    nested dicts of arrays (dataclasses such as TrainState become dicts)."""
+    step = self.latest_step() if step is None else int(step)
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    return self._mngr.restore(step, args=ocp.args.StandardRestore())
+
   def restore_latest(self, like: Any) -> tuple[int, Any] | None:
     step = self.latest_step()
     if step is None:
