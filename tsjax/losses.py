@@ -63,3 +63,30 @@ def margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
   other = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool),
                     -jnp.inf, logits)
   return jnp.max(other, axis=-1) - z_y
+
+
+def dlr(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example Difference of Logits Ratio (Croce & Hein 2020), to maximise.
+
+  ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)`` with ``z_pi1 >= z_pi2
+  >= ...`` the sorted logits: > 0 iff misclassified; shift- and
+  scale-invariant in the logits. Needs at least 3 classes.
+  """
+  z_sorted = jnp.sort(logits, axis=-1)
+  z_y = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+  other = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool),
+                    -jnp.inf, logits)
+  return -(z_y - jnp.max(other, axis=-1)) / (
+      z_sorted[:, -1] - z_sorted[:, -3] + 1e-12)
+
+
+def dlr_targeted(logits: jax.Array, labels: jax.Array,
+                 targets: jax.Array) -> jax.Array:
+  """Per-example targeted DLR (APGD-T), to maximise:
+  ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)``. Needs >= 4
+  classes."""
+  z_sorted = jnp.sort(logits, axis=-1)
+  z_y = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+  z_t = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+  return -(z_y - z_t) / (
+      z_sorted[:, -1] - 0.5 * z_sorted[:, -3] - 0.5 * z_sorted[:, -4] + 1e-12)
