@@ -458,7 +458,7 @@ def _torch_square_robust(params, x, y, norm, eps, queries, seed):
   try:
     net = torch_model(params)
     xt = to_torch_images(np.array(x))   # a writable copy for torch
-    yt = torch.from_numpy(np.asarray(y)).long()
+    yt = torch.from_numpy(np.array(y)).long()
     atk = torchattacks.Square(net, norm=norm, eps=eps, n_queries=queries,
                               n_restarts=1, p_init=0.8, loss="margin",
                               resc_schedule=True, seed=seed)
