@@ -1,0 +1,831 @@
+"""One PGD-10 adversarial-training step: tsjax (jitted) vs PyTorch (eager).
+
+The step (Madry et al. PGD-AT, CIFAR-10 hyper-parameters of
+``configs/adv_train.py:cifar10,pgd_at``): L-inf PGD, eps 8/255, step 2/255, 10
+steps, uniform random start, inputs kept in [0, 1], the model in **eval**
+mode while attacking (running batch-norm statistics); then one **train**-mode
+cross-entropy step at the adversarial examples with SGD (lr 0.1, momentum
+0.9, coupled weight decay 5e-4 on every parameter). Batch 128 of 32x32x3
+uint8 images (converted to [0, 1] floats inside the step), 10 classes,
+CIFAR-10 mean / std normalisation inside the model.
+
+* tsjax: the train step is built exactly as ``experiments/train.py`` builds
+  it, ``clf.jit_train_step(with_augmentation(build_method(config, model),
+  config, 10), optimizer)`` with ``config.augment = ""`` (no augmentation) and
+  ``clf.make_optimizer(config.train, ...)``; the state is donated each step.
+* PyTorch: an eager implementation written here with the same architectures
+  (``TorchSmallCNN``, ``TorchPreActResNet18``, layer for layer the Flax
+  ``SmallCNN`` / ``PreActResNet18``), the same attack loop (gradient of the
+  summed per-example CE w.r.t. the perturbation only; parameters get no
+  gradient while attacking) and ``torch.optim.SGD(lr=0.1, momentum=0.9,
+  weight_decay=5e-4)``. ``torch.set_num_threads(os.cpu_count())``; NCHW
+  (PyTorch's default layout); on a GPU ``cudnn.benchmark = True``.
+
+Comparable work is checked before timing: equal parameter (and batch-norm
+statistic) counts; the tsjax initial weights are copied into the PyTorch
+model and clean logits (eval and train mode) and the input gradient of the
+summed CE agree on 32 images (float32, full-precision matmuls; max abs error
+<= 1e-4 relative to the largest logit / gradient entry; the gradient per
+example, in at least 75% of the examples, because a ReLU input within
+rounding of 0 may flip in one framework and change that example's gradient by
+~1e-3). Both frameworks start training from those same weights.
+
+Timing: compilation and warm-up (``--warmup`` steps, default 2) excluded;
+``--repeats`` timed repeats of ``--steps-per-repeat`` consecutive steps each,
+tsjax and PyTorch interleaved repeat by repeat (so load drift hits both);
+per-step time = repeat wall time / steps; the median (and min) over repeats is
+reported. tsjax repeats end with ``jax.block_until_ready``, PyTorch repeats
+with ``torch.cuda.synchronize()`` on a GPU.
+
+``--bf16``: tsjax models built with ``dtype=jnp.bfloat16`` (bfloat16
+compute, float32 parameters); PyTorch under ``torch.autocast(...,
+dtype=torch.bfloat16)`` for the attack and the train step. Perturbations,
+parameters and optimizer state stay float32 in both.
+
+``--breakdown``: additionally times the pieces of the step (eval forward,
+one attack iteration = forward + gradient w.r.t. the input, the whole
+10-step attack, the train-mode forward + backward without the update) in both
+frameworks. ``benchmarks/adv_train_step_profile.py`` goes further (why the
+tsjax attack loop is slower than its iterations on XLA CPU).
+
+Run from the repository root (runs unchanged on a GPU: jax's default backend,
+torch on ``cuda`` when available)::
+
+  python benchmarks/adv_train_step.py                        # both models
+  python benchmarks/adv_train_step.py --models small_cnn --repeats 7
+  python benchmarks/adv_train_step.py --bf16
+  python benchmarks/adv_train_step.py --quick                # sanity run
+
+Results: a table on stdout and
+``benchmarks/results/adv_train_step_<backend>.json`` (one entry per
+dtype; ``--quick`` writes ``adv_train_step_<backend>_quick.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as tnn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from configs.adv_train import get_config  # noqa: E402
+from experiments.train import build_method, validate, with_augmentation  # noqa: E402
+from tsjax import models  # noqa: E402
+from tsjax.data import images  # noqa: E402
+from tsjax.train import TrainState  # noqa: E402
+from tsjax.train import classifier as clf  # noqa: E402
+
+MODELS = ("small_cnn", "preact_resnet18")
+BATCH = 128
+IMAGE_SHAPE = (32, 32, 3)
+NUM_CLASSES = 10
+TRAIN_SIZE = 50_000 - 1_000     # CIFAR-10 train minus the config's num_val
+QUICK = {"models": "small_cnn", "repeats": 2, "steps_per_repeat": 1,
+         "warmup": 1}
+CHECK_RTOL = 1e-4               # max abs error / max abs value, float32
+GRAD_FRACTION = 0.75            # examples whose input gradients must agree
+
+
+# ------------------------------------------------------------------ arguments
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--models", default=None,
+                 help=f"comma-separated, from {MODELS} (default: both; "
+                      f"{QUICK['models']} with --quick)")
+  p.add_argument("--repeats", type=int, default=None,
+                 help="timed repeats per model and framework (default 5; "
+                      f"{QUICK['repeats']} with --quick)")
+  p.add_argument("--steps-per-repeat", type=int, default=None,
+                 help="consecutive train steps per timed repeat (default 3 "
+                      "for small_cnn and 1 for preact_resnet18 on CPU, 10 on "
+                      f"an accelerator; {QUICK['steps_per_repeat']} with "
+                      "--quick)")
+  p.add_argument("--warmup", type=int, default=None,
+                 help="untimed steps after compilation (default 2; "
+                      f"{QUICK['warmup']} with --quick)")
+  p.add_argument("--batch", type=int, default=BATCH)
+  p.add_argument("--bf16", action="store_true",
+                 help="bfloat16 compute (tsjax model dtype, torch autocast)")
+  p.add_argument("--breakdown", action="store_true",
+                 help="also time the pieces of the step in both frameworks")
+  p.add_argument("--skip-check", action="store_true",
+                 help="skip the architecture agreement check")
+  p.add_argument("--quick", action="store_true",
+                 help="sanity run (small_cnn, 2 repeats of 1 step)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=None,
+                 help="JSON path (default benchmarks/results/"
+                      "adv_train_step_<backend>[_quick].json)")
+  a = p.parse_args(argv)
+  a.argv = list(sys.argv[1:] if argv is None else argv)
+  if a.models is None:
+    a.models = QUICK["models"] if a.quick else ",".join(MODELS)
+  a.models = [m.strip() for m in a.models.split(",") if m.strip()]
+  bad = [m for m in a.models if m not in MODELS]
+  if bad or not a.models:
+    p.error(f"--models takes names from {MODELS}, got {bad or a.models}")
+  for name, default in (("repeats", 5), ("warmup", 2)):
+    if getattr(a, name) is None:
+      setattr(a, name, QUICK[name] if a.quick else default)
+  if a.quick and a.steps_per_repeat is None:
+    a.steps_per_repeat = QUICK["steps_per_repeat"]
+  if a.repeats < 1 or a.warmup < 0 or a.batch < 1 or (
+      a.steps_per_repeat is not None and a.steps_per_repeat < 1):
+    p.error("--repeats, --steps-per-repeat, --batch must be >= 1 and "
+            "--warmup >= 0")
+  return a
+
+
+def steps_per_repeat(args, model_name: str, on_cpu: bool) -> int:
+  if args.steps_per_repeat is not None:
+    return args.steps_per_repeat
+  if not on_cpu:
+    return 10
+  return 3 if model_name == "small_cnn" else 1
+
+
+# ------------------------------------------------------------ machine info
+def _cpu_model() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return ""
+
+
+def machine_info(torch_device) -> dict:
+  dev = jax.devices()[0]
+  try:
+    import jaxlib
+    jaxlib_version = jaxlib.__version__
+  except Exception:  # pragma: no cover
+    jaxlib_version = None
+  try:
+    import flax
+    flax_version = flax.__version__
+  except Exception:  # pragma: no cover
+    flax_version = None
+  try:
+    affinity = len(os.sched_getaffinity(0))
+  except AttributeError:
+    affinity = None
+  info = {
+      "cpu_model": _cpu_model(),
+      "machine": platform.machine(),
+      "platform": platform.platform(),
+      "cpu_count": os.cpu_count(),
+      "cpus_usable": affinity,
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "jaxlib": jaxlib_version,
+      "flax": flax_version,
+      "torch": torch.__version__,
+      "backend": jax.default_backend(),
+      "jax_device_kind": dev.device_kind,
+      "torch_device": str(torch_device),
+      "torch_threads": torch.get_num_threads(),
+      "torch_interop_threads": torch.get_num_interop_threads(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+  if torch_device.type == "cuda":
+    info["torch_device_name"] = torch.cuda.get_device_name(torch_device)
+  return info
+
+
+# ------------------------------------------------------------ torch models
+class _Normalize(tnn.Module):
+  def __init__(self, mean, std):
+    super().__init__()
+    self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1),
+                         persistent=False)
+    self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1),
+                         persistent=False)
+
+  def forward(self, x):
+    return (x - self.mean) / self.std
+
+
+class TorchSmallCNN(tnn.Module):
+  """tsjax ``SmallCNN`` (features (32, 64), hidden 128) in PyTorch, NCHW:
+  conv3x3(32, bias, pad 1)-ReLU-maxpool2 - conv3x3(64)-ReLU-maxpool2 -
+  flatten - fc1(128)-ReLU - fc. The flatten is PyTorch's (c, h, w) order;
+  ``load_tsjax_weights`` permutes fc1's rows from Flax's (h, w, c) order."""
+
+  def __init__(self, num_classes, mean, std, in_channels=3, hw=32,
+               features=(32, 64), hidden=128):
+    super().__init__()
+    self.norm = _Normalize(mean, std)
+    self.conv1 = tnn.Conv2d(in_channels, features[0], 3, padding=1)
+    self.conv2 = tnn.Conv2d(features[0], features[1], 3, padding=1)
+    side = hw // 4
+    self.fc1 = tnn.Linear(features[1] * side * side, hidden)
+    self.fc = tnn.Linear(hidden, num_classes)
+
+  def forward(self, x):
+    x = self.norm(x)
+    x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+    x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+    x = F.relu(self.fc1(torch.flatten(x, 1)))
+    return self.fc(x)
+
+
+class TorchPreActBlock(tnn.Module):
+  """``a = relu(bn1(x)); conv2(relu(bn2(conv1(a)))) + shortcut`` with the
+  1x1 strided shortcut conv applied to ``a`` when the shape changes."""
+
+  def __init__(self, in_planes, planes, stride=1):
+    super().__init__()
+    self.bn1 = tnn.BatchNorm2d(in_planes)
+    self.conv1 = tnn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+    self.bn2 = tnn.BatchNorm2d(planes)
+    self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+    self.shortcut = None
+    if stride != 1 or in_planes != planes:
+      self.shortcut = tnn.Sequential(
+          tnn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+  def forward(self, x):
+    a = F.relu(self.bn1(x))
+    shortcut = self.shortcut(a) if self.shortcut is not None else x
+    out = self.conv1(a)
+    out = self.conv2(F.relu(self.bn2(out)))
+    return out + shortcut
+
+
+class TorchPreActResNet18(tnn.Module):
+  """Rice et al. 2020 PreActResNet18 (kuangliu + final ``bn``): the tsjax
+  ``PreActResNet18(final_bn=True)`` in PyTorch."""
+
+  def __init__(self, num_classes, mean, std, width=64):
+    super().__init__()
+    self.norm = _Normalize(mean, std)
+    self.conv1 = tnn.Conv2d(3, width, 3, 1, 1, bias=False)
+    in_planes = width
+    for s, stride in enumerate((1, 2, 2, 2)):
+      planes = width * 2 ** s
+      blocks = []
+      for i in range(2):
+        blocks.append(TorchPreActBlock(in_planes, planes,
+                                       stride if i == 0 else 1))
+        in_planes = planes
+      setattr(self, f"layer{s + 1}", tnn.Sequential(*blocks))
+    self.bn = tnn.BatchNorm2d(in_planes)
+    self.linear = tnn.Linear(in_planes, num_classes)
+
+  def forward(self, x):
+    x = self.conv1(self.norm(x))
+    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    x = F.relu(self.bn(x))
+    x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+    return self.linear(x)
+
+
+def torch_model(name, mean, std):
+  if name == "small_cnn":
+    return TorchSmallCNN(NUM_CLASSES, mean, std)
+  return TorchPreActResNet18(NUM_CLASSES, mean, std)
+
+
+# ------------------------------------------------ tsjax -> torch weights
+def _t(a):
+  return torch.from_numpy(np.array(a, dtype=np.float32))
+
+
+def _conv_w(k):   # HWIO -> OIHW
+  return _t(np.transpose(np.asarray(k), (3, 2, 0, 1)))
+
+
+def _dense_w(k):  # (in, out) -> (out, in)
+  return _t(np.asarray(k).T)
+
+
+def torch_state_dict(name, params, model_state) -> dict:
+  """The PyTorch ``state_dict`` of the tsjax ``params`` / ``batch_stats``."""
+  sd = {}
+  if name == "small_cnn":
+    sd["conv1.weight"] = _conv_w(params["conv1"]["kernel"])
+    sd["conv1.bias"] = _t(params["conv1"]["bias"])
+    sd["conv2.weight"] = _conv_w(params["conv2"]["kernel"])
+    sd["conv2.bias"] = _t(params["conv2"]["bias"])
+    k = np.asarray(params["fc1"]["kernel"])          # rows in (h, w, c) order
+    c = np.asarray(params["conv2"]["kernel"]).shape[-1]
+    side = int(round((k.shape[0] // c) ** 0.5))
+    k = k.reshape(side, side, c, -1).transpose(2, 0, 1, 3).reshape(
+        k.shape[0], -1)                              # rows in (c, h, w) order
+    sd["fc1.weight"] = _dense_w(k)
+    sd["fc1.bias"] = _t(params["fc1"]["bias"])
+    sd["fc.weight"] = _dense_w(params["fc"]["kernel"])
+    sd["fc.bias"] = _t(params["fc"]["bias"])
+    return sd
+  stats = model_state["batch_stats"]
+
+  def bn(prefix, p, s):
+    sd[f"{prefix}.weight"] = _t(p["scale"])
+    sd[f"{prefix}.bias"] = _t(p["bias"])
+    sd[f"{prefix}.running_mean"] = _t(s["mean"])
+    sd[f"{prefix}.running_var"] = _t(s["var"])
+    sd[f"{prefix}.num_batches_tracked"] = torch.tensor(0)
+
+  sd["conv1.weight"] = _conv_w(params["stem_conv"]["kernel"])
+  for s in range(1, 5):
+    for i in range(2):
+      fp, fs, tp = params[f"layer{s}_{i}"], stats[f"layer{s}_{i}"], \
+          f"layer{s}.{i}"
+      bn(f"{tp}.bn1", fp["bn1"], fs["bn1"])
+      bn(f"{tp}.bn2", fp["bn2"], fs["bn2"])
+      sd[f"{tp}.conv1.weight"] = _conv_w(fp["conv1"]["kernel"])
+      sd[f"{tp}.conv2.weight"] = _conv_w(fp["conv2"]["kernel"])
+      if "shortcut_conv" in fp:
+        sd[f"{tp}.shortcut.0.weight"] = _conv_w(fp["shortcut_conv"]["kernel"])
+  bn("bn", params["final_bn"], stats["final_bn"])
+  sd["linear.weight"] = _dense_w(params["fc"]["kernel"])
+  sd["linear.bias"] = _t(params["fc"]["bias"])
+  return sd
+
+
+def count_tsjax(tree) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def count_torch(model) -> tuple[int, int]:
+  n_params = sum(p.numel() for p in model.parameters())
+  n_stats = sum(b.numel() for n, b in model.named_buffers()
+                if n.endswith(("running_mean", "running_var")))
+  return int(n_params), int(n_stats)
+
+
+# --------------------------------------------------------------- the steps
+def tsjax_config(model_name: str):
+  c = get_config("cifar10,pgd_at")   # eps 8/255, step 2/255, 10 steps, eval BN
+  c.augment = ""                     # no augmentation: only the PGD-AT step
+  c.model.name = model_name
+  c.train.batch_size = BATCH
+  validate(c)
+  return c
+
+
+def build_tsjax(model_name, mean, std, dtype, key):
+  config = tsjax_config(model_name)
+  kwargs = {"dtype": jnp.bfloat16} if dtype == "bfloat16" else {}
+  model = models.get_model(model_name, num_classes=NUM_CLASSES, mean=mean,
+                           std=std, **kwargs)
+  models.check_input_shape(model, IMAGE_SHAPE)
+  optimizer, _ = clf.make_optimizer(config.train,
+                                    TRAIN_SIZE // config.train.batch_size)
+  k_init, k_train = jax.random.split(key)
+  params, model_state = clf.init_model(model, k_init, IMAGE_SHAPE)
+  step = clf.jit_train_step(
+      with_augmentation(build_method(config, model), config, NUM_CLASSES),
+      optimizer)
+  # A fresh state per call: the step donates (deletes) its input state.
+  make_state = lambda: TrainState.create(
+      jax.tree.map(jnp.copy, params), optimizer,
+      jax.random.wrap_key_data(jnp.copy(jax.random.key_data(k_train))),
+      jax.tree.map(jnp.copy, model_state))
+  return config, model, params, model_state, step, make_state
+
+
+class TorchAdvStep:
+  """PGD-AT step in PyTorch eager mode, mirroring tsjax.methods.pgd_at."""
+
+  def __init__(self, model, attack, train_cfg, device, bf16: bool):
+    self.model = model
+    self.eps = float(attack.eps)
+    self.step_size = float(attack.step_size)
+    self.steps = int(attack.steps)
+    self.bn_eval = attack.bn_mode == "eval"
+    self.device = device
+    self.bf16 = bf16
+    self.opt = torch.optim.SGD(model.parameters(), lr=float(train_cfg.lr),
+                               momentum=float(train_cfg.momentum),
+                               weight_decay=float(train_cfg.weight_decay),
+                               nesterov=bool(train_cfg.get("nesterov", False)))
+
+  def autocast(self):
+    return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                          enabled=self.bf16)
+
+  def attack(self, x, y):
+    eps, a = self.eps, self.step_size
+    self.model.train(not self.bn_eval)
+    delta = torch.empty_like(x).uniform_(-eps, eps)
+    delta = (x + delta).clamp_(0.0, 1.0) - x
+    for _ in range(self.steps):
+      delta.requires_grad_(True)
+      with self.autocast():
+        logits = self.model(x + delta)
+      loss = F.cross_entropy(logits.float(), y, reduction="sum")
+      grad, = torch.autograd.grad(loss, delta)
+      with torch.no_grad():
+        delta = (delta + a * grad.sign()).clamp_(-eps, eps)
+        delta = (x + delta).clamp_(0.0, 1.0) - x
+    return (x + delta).detach()
+
+  def train_update(self, x_adv, y):
+    self.model.train(True)
+    with self.autocast():
+      logits = self.model(x_adv)
+    loss = F.cross_entropy(logits.float(), y)
+    self.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    self.opt.step()
+    return loss.detach()
+
+  def __call__(self, images_u8, labels):
+    x = images_u8.float().div_(255.0)
+    x_adv = self.attack(x, labels)
+    return self.train_update(x_adv, labels)
+
+
+def sync(device):
+  if device.type == "cuda":
+    torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------- checks
+def check_agreement(name, model_f32, params, model_state, tmodel, images_f,
+                    labels, device) -> dict:
+  """Clean logits (eval and train BN) and d(sum CE)/dx agree, float32."""
+  x_j = jnp.asarray(images_f)
+  y_j = jnp.asarray(labels)
+  x_t = torch.from_numpy(np.ascontiguousarray(
+      images_f.transpose(0, 3, 1, 2))).to(device)
+  y_t = torch.from_numpy(labels.astype(np.int64)).to(device)
+  variables = {"params": params, **model_state}
+
+  def ce_sum(x):
+    logits = model_f32.apply(variables, x, train=False)
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.sum(jnp.take_along_axis(logp, y_j[:, None], axis=1))
+
+  def train_logits(x):
+    if model_state:
+      return model_f32.apply(variables, x, train=True,
+                             mutable=list(model_state))[0]
+    return model_f32.apply(variables, x, train=True)
+
+  prev = (torch.backends.cudnn.allow_tf32,
+          torch.backends.cuda.matmul.allow_tf32)
+  torch.backends.cudnn.allow_tf32 = False
+  torch.backends.cuda.matmul.allow_tf32 = False
+  try:
+    with jax.default_matmul_precision("float32"):
+      j_eval = np.asarray(jax.jit(
+          lambda x: model_f32.apply(variables, x, train=False))(x_j))
+      j_train = np.asarray(jax.jit(train_logits)(x_j))
+      j_grad = np.asarray(jax.jit(jax.grad(ce_sum))(x_j))
+    tmodel.eval()
+    xg = x_t.clone().requires_grad_(True)
+    t_eval_logits = tmodel(xg)
+    F.cross_entropy(t_eval_logits, y_t, reduction="sum").backward()
+    t_eval = t_eval_logits.detach().cpu().numpy()
+    t_grad = xg.grad.detach().cpu().numpy().transpose(0, 2, 3, 1)
+    # train-mode forward without touching the running statistics
+    saved = {k: v.clone() for k, v in tmodel.state_dict().items()}
+    tmodel.train()
+    with torch.no_grad():
+      t_train = tmodel(x_t).cpu().numpy()
+    tmodel.load_state_dict(saved)
+    tmodel.eval()
+  finally:
+    (torch.backends.cudnn.allow_tf32,
+     torch.backends.cuda.matmul.allow_tf32) = prev
+
+  def rel(a, b):
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+  # Input gradients per example: a ReLU input within float32 rounding of 0
+  # can take opposite sides in the two frameworks (and in float64), which
+  # changes that example's gradient in the unit's receptive field by O(1e-3);
+  # with ~1e7 ReLU inputs per batch this hits an occasional example. So the
+  # gradient check asks most examples (not all) to agree to CHECK_RTOL.
+  per_ex = [rel(t_grad[i], j_grad[i]) for i in range(len(j_grad))]
+  out = {"logits_eval_rel_err": rel(t_eval, j_eval),
+         "logits_train_rel_err": rel(t_train, j_train),
+         "input_grad_rel_err": rel(t_grad, j_grad),
+         "input_grad_median_example_rel_err": float(np.median(per_ex)),
+         "input_grad_examples_within_tol": float(np.mean(
+             np.asarray(per_ex) <= CHECK_RTOL)),
+         "logits_eval_max_abs": float(np.max(np.abs(j_eval))),
+         "examples": int(len(j_grad)),
+         "tolerance": CHECK_RTOL}
+  out["ok"] = (out["logits_eval_rel_err"] <= CHECK_RTOL and
+               out["logits_train_rel_err"] <= CHECK_RTOL and
+               out["input_grad_examples_within_tol"] >= GRAD_FRACTION)
+  return out
+
+
+# ------------------------------------------------------------------ timing
+def _time(fn, finish) -> float:
+  t0 = time.perf_counter()
+  finish(fn())
+  return time.perf_counter() - t0
+
+
+def breakdown(model_name, model, params, model_state, tstep, x_u8_j, y_j,
+              x_u8_t, y_t, attack, device, repeats) -> dict:
+  """Median ms of the pieces of one step, both frameworks (timed alone)."""
+  from tsjax import losses
+  from tsjax.methods.common import ce_attack, forward
+  variables = {"params": params, **model_state}
+  x_j = x_u8_j.astype(jnp.float32) / 255.0
+  key = jax.random.key(1)
+
+  def fwd(x):
+    return model.apply(variables, x, train=False)
+
+  def attack_iter(x):    # one PGD iteration: value and input gradient
+    def l(xa):
+      return losses.cross_entropy(model.apply(variables, xa, train=False),
+                                  y_j)
+    vals, vjp = jax.vjp(l, x)
+    return vjp(jnp.ones_like(vals))[0]
+
+  def full_attack(x):
+    return ce_attack(model, params, model_state, x, y_j, key, attack)
+
+  def train_grad(x):
+    def l(p):
+      logits, ms = forward(model, p, model_state, x, train=True)
+      return jnp.mean(losses.cross_entropy(logits, y_j)), ms
+    return jax.grad(l, has_aux=True)(params)
+
+  j_fns = {"forward_eval": jax.jit(fwd), "attack_iter": jax.jit(attack_iter),
+           "attack_10": jax.jit(full_attack),
+           "train_fwd_bwd": jax.jit(train_grad)}
+  x_t = x_u8_t.float() / 255.0
+
+  def t_fwd():
+    tstep.model.eval()
+    with torch.no_grad(), tstep.autocast():
+      return tstep.model(x_t)
+
+  def t_attack_iter():
+    tstep.model.eval()
+    d = x_t.clone().requires_grad_(True)
+    with tstep.autocast():
+      logits = tstep.model(d)
+    return torch.autograd.grad(
+        F.cross_entropy(logits.float(), y_t, reduction="sum"), d)[0]
+
+  def t_attack():
+    return tstep.attack(x_t, y_t)
+
+  def t_train():   # forward + backward (no optimizer update)
+    tstep.model.train()
+    with tstep.autocast():
+      logits = tstep.model(x_t)
+    loss = F.cross_entropy(logits.float(), y_t)
+    tstep.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss
+
+  t_fns = {"forward_eval": t_fwd, "attack_iter": t_attack_iter,
+           "attack_10": t_attack, "train_fwd_bwd": t_train}
+  saved = {k: v.clone() for k, v in tstep.model.state_dict().items()}
+  out = {}
+  for piece in j_fns:
+    jf, tf = j_fns[piece], t_fns[piece]
+    jax.block_until_ready(jf(x_j))
+    jax.block_until_ready(jf(x_j))
+    tf(); tf(); sync(device)
+    tj, tt = [], []
+    for _ in range(repeats):
+      tj.append(_time(lambda: jf(x_j), jax.block_until_ready))
+      tt.append(_time(tf, lambda _: sync(device)))
+    out[piece] = {"tsjax_ms": 1e3 * statistics.median(tj),
+                  "torch_ms": 1e3 * statistics.median(tt)}
+    print(f"    {piece:<14} tsjax {out[piece]['tsjax_ms']:9.1f} ms   torch "
+          f"{out[piece]['torch_ms']:9.1f} ms", flush=True)
+  tstep.model.load_state_dict(saved)
+  tstep.opt.zero_grad(set_to_none=True)
+  return out
+
+
+def bench_model(name, args, torch_device) -> dict:
+  on_cpu = jax.default_backend() == "cpu"
+  n_steps = steps_per_repeat(args, name, on_cpu)
+  dtype = "bfloat16" if args.bf16 else "float32"
+  mean, std = images._STATS["cifar10"]
+  key = jax.random.key(args.seed)
+  t0 = time.perf_counter()
+  config, model, params, model_state, step, make_state = build_tsjax(
+      name, mean, std, dtype, key)
+  attack_cfg = config.method.attack
+  from tsjax.methods.common import ImageAttack
+  attack = ImageAttack(norm=attack_cfg.norm, eps=attack_cfg.eps,
+                       step_size=attack_cfg.step_size,
+                       steps=int(attack_cfg.steps),
+                       bn_mode=attack_cfg.bn_mode)
+
+  rng = np.random.default_rng(args.seed)
+  imgs = rng.integers(0, 256, (args.batch, *IMAGE_SHAPE), dtype=np.uint8)
+  labels = rng.integers(0, NUM_CLASSES, (args.batch,)).astype(np.int32)
+  batch = {"image": jax.device_put(imgs), "label": jax.device_put(labels)}
+  x_u8_t = torch.from_numpy(np.ascontiguousarray(
+      imgs.transpose(0, 3, 1, 2))).to(torch_device)
+  y_t = torch.from_numpy(labels.astype(np.int64)).to(torch_device)
+
+  tmodel = torch_model(name, mean, std)
+  tmodel.load_state_dict(torch_state_dict(name, params, model_state))
+  tmodel.to(torch_device)
+  n_params_j = count_tsjax(params)
+  n_stats_j = count_tsjax(model_state)
+  n_params_t, n_stats_t = count_torch(tmodel)
+  counts_ok = (n_params_j, n_stats_j) == (n_params_t, n_stats_t)
+  print(f"\n{name}: {n_params_j:,} parameters (torch {n_params_t:,}), "
+        f"{n_stats_j:,} BN statistics (torch {n_stats_t:,})", flush=True)
+  if not counts_ok:
+    raise SystemExit(f"{name}: parameter counts differ; not timing "
+                     "different architectures")
+  check = None
+  if not args.skip_check:
+    f32_model = models.get_model(name, num_classes=NUM_CLASSES, mean=mean,
+                                 std=std)
+    check = check_agreement(name, f32_model, params, model_state, tmodel,
+                            imgs[:32].astype(np.float32) / 255.0, labels[:32],
+                            torch_device)
+    print(f"  architecture check (32 images, float32): logits eval rel err "
+          f"{check['logits_eval_rel_err']:.1e}, train "
+          f"{check['logits_train_rel_err']:.1e}, d(CE)/dx median per "
+          f"example {check['input_grad_median_example_rel_err']:.1e} "
+          f"({100 * check['input_grad_examples_within_tol']:.0f}% of examples"
+          f" within {CHECK_RTOL:g}; max {check['input_grad_rel_err']:.1e}) -> "
+          f"{'ok' if check['ok'] else 'MISMATCH'}", flush=True)
+    if not check["ok"]:
+      raise SystemExit(f"{name}: tsjax and torch models disagree beyond "
+                       f"{CHECK_RTOL}; not timing different architectures")
+  tstep = TorchAdvStep(tmodel, attack, config.train, torch_device, args.bf16)
+  setup_s = time.perf_counter() - t0
+
+  # ---- compile + warm-up (untimed)
+  state = make_state()
+  t0 = time.perf_counter()
+  state, metrics = step(state, batch, None)
+  jax.block_until_ready(state)
+  compile_s = time.perf_counter() - t0
+  for _ in range(args.warmup):
+    state, metrics = step(state, batch, None)
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  torch.manual_seed(args.seed)
+  for _ in range(max(args.warmup, 1)):
+    tloss = tstep(x_u8_t, y_t)
+  sync(torch_device)
+  torch_warm_s = time.perf_counter() - t0
+  print(f"  tsjax compile + first step {compile_s:.1f} s; torch warm-up "
+        f"({max(args.warmup, 1)} steps) {torch_warm_s:.1f} s; timing "
+        f"{args.repeats} x {n_steps} steps each", flush=True)
+
+  def run_tsjax():
+    nonlocal state, metrics
+    for _ in range(n_steps):
+      state, metrics = step(state, batch, None)
+    return state
+
+  def run_torch():
+    nonlocal tloss
+    for _ in range(n_steps):
+      tloss = tstep(x_u8_t, y_t)
+    return tloss
+
+  t_j, t_t = [], []
+  for r in range(args.repeats):   # interleaved
+    t_j.append(_time(run_tsjax, jax.block_until_ready) / n_steps)
+    t_t.append(_time(run_torch, lambda _: sync(torch_device)) / n_steps)
+    print(f"  repeat {r + 1}/{args.repeats}: tsjax {1e3 * t_j[-1]:8.1f} "
+          f"ms/step   torch {1e3 * t_t[-1]:8.1f} ms/step", flush=True)
+  med_j, med_t = statistics.median(t_j), statistics.median(t_t)
+  row = {
+      "model": name,
+      "tsjax_ms": 1e3 * med_j,
+      "torch_ms": 1e3 * med_t,
+      "speedup": med_t / med_j,
+      "tsjax_min_ms": 1e3 * min(t_j),
+      "torch_min_ms": 1e3 * min(t_t),
+      "tsjax_all_ms": [1e3 * t for t in t_j],
+      "torch_all_ms": [1e3 * t for t in t_t],
+      "steps_per_repeat": n_steps,
+      "params": n_params_j,
+      "bn_statistics": n_stats_j,
+      "check": check,
+      "tsjax_compile_s": compile_s,
+      "setup_s": setup_s,
+      "final_loss_tsjax": float(metrics["loss"]),
+      "final_loss_torch": float(tloss),
+      "finite": bool(metrics["finite"]) and bool(torch.isfinite(tloss)),
+      "tsjax_steps_run": int(state.step),
+  }
+  if args.breakdown:
+    print("  breakdown (median of repeats; each piece timed alone):",
+          flush=True)
+    row["breakdown"] = breakdown(
+        name, model, state.params, state.model_state, tstep, batch["image"],
+        batch["label"], x_u8_t, y_t, attack, torch_device, args.repeats)
+  return row
+
+
+# -------------------------------------------------------------- reporting
+def print_table(result: dict) -> None:
+  print(f"\nPGD-10 adversarial-training step, batch {result['batch']}, "
+        f"{result['dtype']}, backend {result['backend']}, median of "
+        f"{result['repeats']} repeats:")
+  hdr = (f"{'model':<16} | {'tsjax ms/step':>13} | {'torch ms/step':>13} | "
+         f"{'speed-up (torch/tsjax)':>22}")
+  print(hdr)
+  print("-" * len(hdr))
+  for r in result["rows"]:
+    print(f"{r['model']:<16} | {r['tsjax_ms']:>13.1f} | {r['torch_ms']:>13.1f}"
+          f" | {r['speedup']:>21.2f}x")
+
+
+def save(result: dict, machine: dict, args) -> pathlib.Path:
+  backend = machine["backend"]
+  path = pathlib.Path(args.out) if args.out else (
+      ROOT / "benchmarks" / "results" /
+      f"adv_train_step_{backend}{'_quick' if args.quick else ''}.json")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  data = {}
+  if path.exists():
+    try:
+      data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+      data = {}
+  if data.get("benchmark") != "adv_train_step" or not isinstance(
+      data.get("runs"), dict):
+    data = {"benchmark": "adv_train_step", "runs": {}}
+  data["backend"] = backend
+  command = " ".join(["python benchmarks/adv_train_step.py", *args.argv])
+  entry = data["runs"].get(result["dtype"], {})
+  rows = {r["model"]: r for r in entry.get("rows", [])}
+  rows.update({r["model"]: {**r, "command": command, "machine": machine,
+                            "timestamp": result["timestamp"]}
+               for r in result["rows"]})
+  data["runs"][result["dtype"]] = {
+      **{k: v for k, v in result.items() if k != "rows"},
+      "command": command, "machine": machine,
+      "rows": [rows[m] for m in MODELS if m in rows]}
+  path.write_text(json.dumps(data, indent=2) + "\n")
+  return path
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  torch.set_num_threads(os.cpu_count())
+  torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  if torch_device.type == "cuda":
+    torch.backends.cudnn.benchmark = True
+  machine = machine_info(torch_device)
+  machine["loadavg_before"] = list(os.getloadavg())
+  dtype = "bfloat16" if args.bf16 else "float32"
+  print(f"jax {jax.__version__} ({jax.default_backend()}, "
+        f"{jax.devices()[0].device_kind}), torch {torch.__version__} "
+        f"({torch_device}, {torch.get_num_threads()} threads = os.cpu_count()),"
+        f" cpu: {machine['cpu_model']} x {os.cpu_count()}, dtype {dtype}, "
+        f"batch {args.batch}, load average {machine['loadavg_before']}",
+        flush=True)
+  t0 = time.perf_counter()
+  rows = [bench_model(name, args, torch_device) for name in args.models]
+  machine["loadavg_after"] = list(os.getloadavg())
+  result = {
+      "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      "dtype": dtype, "batch": args.batch, "image_shape": list(IMAGE_SHAPE),
+      "num_classes": NUM_CLASSES, "backend": jax.default_backend(),
+      "repeats": args.repeats, "warmup": args.warmup,
+      "step": "PGD-10 L-inf eps 8/255 step 2/255 uniform start, eval-mode "
+              "attack, train-mode CE, SGD lr 0.1 momentum 0.9 wd 5e-4",
+      "timing": "median (and min) over repeats of per-step wall time; "
+                "compilation and warm-up excluded; tsjax and torch "
+                "interleaved",
+      "torch_threads": torch.get_num_threads(),
+      "total_s": time.perf_counter() - t0,
+      "rows": rows,
+  }
+  print_table(result)
+  path = save(result, machine, args)
+  print(f"\nsaved {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}"
+        f" (total {result['total_s']:.0f} s; load average before/after "
+        f"{machine['loadavg_before']} / {machine['loadavg_after']})")
+
+
+if __name__ == "__main__":
+  main()
