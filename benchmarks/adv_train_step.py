@@ -18,8 +18,12 @@ CIFAR-10 mean / std normalisation inside the model.
   ``SmallCNN`` / ``PreActResNet18``), the same attack loop (gradient of the
   summed per-example CE w.r.t. the perturbation only; parameters get no
   gradient while attacking) and ``torch.optim.SGD(lr=0.1, momentum=0.9,
-  weight_decay=5e-4)``. ``torch.set_num_threads(os.cpu_count())``; NCHW
-  (PyTorch's default layout); on a GPU ``cudnn.benchmark = True``.
+  weight_decay=5e-4)``. ``torch.set_num_threads(os.cpu_count())`` (or
+  ``--torch-threads``); NCHW (PyTorch's default layout); on a GPU
+  ``cudnn.benchmark = True``. On a CPU shared with other jobs, PyTorch's
+  OpenMP parallel regions (one barrier per op, ~100 ops per PGD iteration)
+  stall whenever one of their threads is preempted, so PyTorch suffers more
+  from machine load than XLA's thread pool: compare on an idle machine.
 
 Comparable work is checked before timing: equal parameter (and batch-norm
 statistic) counts; the tsjax initial weights are copied into the PyTorch
@@ -77,6 +81,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
+# On a GPU both frameworks share the device: keep JAX from preallocating 75%
+# of its memory (an explicit setting in the environment wins).
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -128,6 +136,10 @@ def parse_args(argv=None):
                  help="skip the architecture agreement check")
   p.add_argument("--quick", action="store_true",
                  help="sanity run (small_cnn, 2 repeats of 1 step)")
+  p.add_argument("--torch-threads", type=int, default=None,
+                 help="torch.set_num_threads (default os.cpu_count(); a "
+                      "different value is a sensitivity check and is saved "
+                      "under its own key in the JSON)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None,
                  help="JSON path (default benchmarks/results/"
@@ -774,12 +786,15 @@ def save(result: dict, machine: dict, args) -> pathlib.Path:
     data = {"benchmark": "adv_train_step", "runs": {}}
   data["backend"] = backend
   command = " ".join(["python benchmarks/adv_train_step.py", *args.argv])
-  entry = data["runs"].get(result["dtype"], {})
+  run_key = result["dtype"]
+  if result["torch_threads"] != os.cpu_count():
+    run_key += f"_torch{result['torch_threads']}threads"
+  entry = data["runs"].get(run_key, {})
   rows = {r["model"]: r for r in entry.get("rows", [])}
   rows.update({r["model"]: {**r, "command": command, "machine": machine,
                             "timestamp": result["timestamp"]}
                for r in result["rows"]})
-  data["runs"][result["dtype"]] = {
+  data["runs"][run_key] = {
       **{k: v for k, v in result.items() if k != "rows"},
       "command": command, "machine": machine,
       "rows": [rows[m] for m in MODELS if m in rows]}
@@ -789,7 +804,7 @@ def save(result: dict, machine: dict, args) -> pathlib.Path:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(args.torch_threads or os.cpu_count())
   torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   if torch_device.type == "cuda":
     torch.backends.cudnn.benchmark = True
@@ -798,7 +813,8 @@ def main(argv=None) -> None:
   dtype = "bfloat16" if args.bf16 else "float32"
   print(f"jax {jax.__version__} ({jax.default_backend()}, "
         f"{jax.devices()[0].device_kind}), torch {torch.__version__} "
-        f"({torch_device}, {torch.get_num_threads()} threads = os.cpu_count()),"
+        f"({torch_device}, {torch.get_num_threads()} threads; os.cpu_count() "
+        f"{os.cpu_count()}),"
         f" cpu: {machine['cpu_model']} x {os.cpu_count()}, dtype {dtype}, "
         f"batch {args.batch}, load average {machine['loadavg_before']}",
         flush=True)

@@ -33,6 +33,11 @@ gradient w.r.t. the layer input, as in the attack):
                             library (YNNPACK / Eigen) one; cf. the open
                             jax-ml/jax#12868);
   ``convN_fwd_dx_unrolled`` the loop with ``unroll=True``, / 10;
+  ``convN_fwd_dx_in_loop_hwoi`` the loop (not unrolled) with
+                            ``loop_friendly_conv`` (a custom VJP computing the
+                            input gradient against an explicitly transposed
+                            kernel), / 10; ``convN_hwoi_max_abs_diff`` checks
+                            it gives the same gradient;
   ``pool_reshape_max``   tsjax ``max_pool_2x2`` (reshape + max), fwd + bwd;
   ``pool_reduce_window`` ``flax.linen.max_pool`` (reduce_window; backward is
                          select-and-scatter), fwd + bwd;
@@ -64,6 +69,8 @@ for p in (str(ROOT), str(HERE)):
   if p not in sys.path:
     sys.path.insert(0, p)
 
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -91,6 +98,44 @@ def unrolled_fori_loop():
     yield
   finally:
     jax.lax.fori_loop = orig
+
+
+@jax.custom_vjp
+def loop_friendly_conv(x, w):
+  """3x3 stride-1 'SAME' NHWC/HWIO conv whose input gradient stays a library
+  convolution inside XLA CPU while loops.
+
+  JAX transposes a conv w.r.t. its input into ``conv(ct, reverse(w))`` with
+  the kernel's I/O labels swapped (``01oi``); XLA CPU canonicalises that to
+  ``01io`` outside loops but not in a while body, where it becomes a naive
+  loop nest. Here the backward pass differentiates a conv written against
+  an explicitly transposed copy ``swapaxes(w, 2, 3)`` with rhs spec "HWOI",
+  whose transpose then has the canonical labels. Same values; a sketch of a
+  possible tsjax fix (``nn.Conv(conv_general_dilated=...)``), not used by
+  tsjax.
+  """
+  return _conv(x, w, "HWIO")
+
+
+def _conv(x, w, rhs_spec):
+  return jax.lax.conv_general_dilated(
+      x, w, (1, 1), ((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", rhs_spec, "NHWC"))
+
+
+def _lfc_fwd(x, w):
+  return _conv(x, w, "HWIO"), (x, w)
+
+
+def _lfc_bwd(res, ct):
+  x, w = res
+  w_t = jnp.swapaxes(w, 2, 3)                   # materialised HWOI copy
+  dx = jax.vjp(lambda v: _conv(v, w_t, "HWOI"), x)[1](ct)[0]
+  dw = jax.vjp(lambda k: _conv(x, k, "HWIO"), w)[1](ct)[0]
+  return dx, dw
+
+
+loop_friendly_conv.defvjp(_lfc_fwd, _lfc_bwd)
 
 
 def median_ms(fn, repeats, finish=jax.block_until_ready):
@@ -222,7 +267,18 @@ def profile_model(name, args, torch_device) -> dict:
         out, vjp = jax.vjp(lambda v: jnp.sum(jax.nn.relu(conv(v, k)) * ct), z)
         return vjp(jnp.ones_like(out))[0]
 
+      def dx_hwoi(z, k, ct):   # same gradient via loop_friendly_conv
+        f = lambda v: jnp.sum(jax.nn.relu(loop_friendly_conv(v, k)) * ct)
+        out, vjp = jax.vjp(f, z)
+        return vjp(jnp.ones_like(out))[0]
+
       body = lambda i, c, k, ct: c + 1e-3 * dx(c, k, ct)
+      body_hwoi = lambda i, c, k, ct: c + 1e-3 * dx_hwoi(c, k, ct)
+      loop_hwoi = jax.jit(lambda z, k, ct: jax.lax.fori_loop(
+          0, 10, lambda i, c: body_hwoi(i, c, k, ct), z))
+      diff = float(jnp.max(jnp.abs(jax.jit(dx)(xin, k, ct) -
+                                   jax.jit(dx_hwoi)(xin, k, ct))))
+      out[f"{label}_hwoi_max_abs_diff"] = diff
       one = jax.jit(dx)
       loop = jax.jit(lambda z, k, ct: jax.lax.fori_loop(
           0, 10, lambda i, c: body(i, c, k, ct), z))
@@ -234,6 +290,8 @@ def profile_model(name, args, torch_device) -> dict:
              median_ms(lambda: loop(xin, k, ct), args.repeats) / 10)
       report(f"{label}_fwd_dx_unrolled",
              median_ms(lambda: unrolled(xin, k, ct), args.repeats) / 10)
+      report(f"{label}_fwd_dx_in_loop_hwoi",
+             median_ms(lambda: loop_hwoi(xin, k, ct), args.repeats) / 10)
     for label, shape in {"pool1": (args.batch, 32, 32, 32),
                          "pool2": (args.batch, 16, 16, 64)}.items():
       z = jax.random.normal(jax.random.key(5), shape)
