@@ -5,7 +5,9 @@ of arrays with a leading seed axis S. The S seeds are split over the local
 devices (a 1-D mesh named ``"seeds"``), and each device ``vmap``-s over its
 share. When S is not a multiple of the device count the last seed is repeated
 as padding and the padding is dropped from the result, so every seed's result
-is exactly what ``fn`` gives for it alone.
+is what ``fn`` gives for it alone, up to floating-point rounding (batched
+kernels may round differently: ~1e-15 relative in float64, ~1e-4 in float32
+after 10k steps).
 """
 
 from __future__ import annotations
