@@ -17,6 +17,12 @@ images in [0, 1] (normalised inside with ``mean`` / ``std``) and is called as
 ``tsjax.models.cnn`` for the shared conventions. ``check_input_shape(name or
 model, shape)`` raises a ValueError naming the expected HxWxC when a model
 cannot take a shape, before anything is traced.
+
+PyTorch checkpoints (RobustBench / TRADES / kuangliu key names) of
+``resnet18``, ``preact_resnet18``, ``wrn*`` / ``wide_resnet`` and ``small_cnn``
+convert with ``load_torch_state_dict`` + ``convert_state_dict`` (or
+``convert_torch_checkpoint``); see ``tsjax.models.torch_convert``. PyTorch is
+imported only when a ``.pt`` file is loaded.
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ from tsjax.models.mlp import MLP, student_widths, check_student_widths
 from tsjax.models.mobilenet import MobileNetV2
 from tsjax.models.resnet import PreActResNet18, ResNet18
 from tsjax.models.wide_resnet import WideResNet
+from tsjax.models.torch_convert import (compute_sha256, convert_state_dict,
+                                        convert_torch_checkpoint,
+                                        load_torch_state_dict,
+                                        save_state_dict_npz,
+                                        torch_state_dict_shapes)
 
 
 def _preset(cls, **fixed) -> Callable[..., nn.Module]:
@@ -117,4 +128,7 @@ __all__ = [
     "MLP", "SmallCNN", "PreActResNet18", "ResNet18", "WideResNet",
     "MobileNetV2", "REGISTRY", "get_model", "check_input_shape",
     "max_pool_2x2", "student_widths", "check_student_widths",
+    "compute_sha256", "load_torch_state_dict", "save_state_dict_npz",
+    "convert_state_dict", "convert_torch_checkpoint",
+    "torch_state_dict_shapes",
 ]

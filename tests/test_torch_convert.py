@@ -1,0 +1,499 @@
+"""PyTorch state_dict -> Flax conversion (``tsjax.models.torch_convert``).
+
+The PyTorch reference networks below are written with the key names of the
+checkpoints the converter targets: kuangliu / RobustBench ``ResNet18``,
+Rice et al. / RobustBench ``PreActResNet18`` (final ``bn``; kuangliu's without),
+RobustBench / TRADES ``WideResNet`` (``block{g}.layer.{i}``, ``convShortcut``,
+optional unused ``sub_block1``) and the small CNN of
+``benchmarks/adv_train_step.py``. They are randomly initialised with random BN
+affine parameters *and* running statistics, converted, and their eval-mode
+logits compared with the tsjax models' at 1e-4 (float32). The equivalence
+tests use narrow variants (same code paths, same key names) to stay fast on
+CPU; the full-size nets are checked key-by-key and shape-by-shape (torch
+``meta`` tensors: no memory, no compute) and, under ``-m slow``, end to end.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+tnn = torch.nn
+F = torch.nn.functional
+
+from tsjax.models import (PreActResNet18, compute_sha256,  # noqa: E402
+                          convert_state_dict, convert_torch_checkpoint,
+                          get_model, load_torch_state_dict,
+                          save_state_dict_npz, torch_state_dict_shapes)
+
+F32 = jnp.float32
+
+
+# ------------------------------------------------------ PyTorch references
+class TorchSmallCNN(tnn.Module):
+  """conv1-ReLU-pool, conv2-ReLU-pool, flatten (c, h, w), fc1-ReLU, fc."""
+
+  def __init__(self, num_classes=10, in_channels=3, hw=(32, 32),
+               features=(32, 64), hidden=128):
+    super().__init__()
+    self.conv1 = tnn.Conv2d(in_channels, features[0], 3, padding=1)
+    self.conv2 = tnn.Conv2d(features[0], features[1], 3, padding=1)
+    self.fc1 = tnn.Linear(features[1] * (hw[0] // 4) * (hw[1] // 4), hidden)
+    self.fc = tnn.Linear(hidden, num_classes)
+
+  def forward(self, x):
+    x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+    x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+    return self.fc(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+class TorchBasicBlock(tnn.Module):
+  """kuangliu / RobustBench ResNet ``BasicBlock``."""
+
+  def __init__(self, in_planes, planes, stride=1):
+    super().__init__()
+    self.conv1 = tnn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+    self.bn1 = tnn.BatchNorm2d(planes)
+    self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+    self.bn2 = tnn.BatchNorm2d(planes)
+    self.shortcut = tnn.Sequential()
+    if stride != 1 or in_planes != planes:
+      self.shortcut = tnn.Sequential(
+          tnn.Conv2d(in_planes, planes, 1, stride, bias=False),
+          tnn.BatchNorm2d(planes))
+
+  def forward(self, x):
+    out = F.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    return F.relu(out + self.shortcut(x))
+
+
+class TorchPreActBlock(tnn.Module):
+  """Rice et al. / RobustBench ``PreActBlock``."""
+
+  def __init__(self, in_planes, planes, stride=1):
+    super().__init__()
+    self.bn1 = tnn.BatchNorm2d(in_planes)
+    self.conv1 = tnn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+    self.bn2 = tnn.BatchNorm2d(planes)
+    self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+    if stride != 1 or in_planes != planes:
+      self.shortcut = tnn.Sequential(
+          tnn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+  def forward(self, x):
+    out = F.relu(self.bn1(x))
+    shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+    out = self.conv1(out)
+    out = self.conv2(F.relu(self.bn2(out)))
+    return out + shortcut
+
+
+class TorchResNet18(tnn.Module):
+  """``ResNet18`` (``preact=False``) or ``PreActResNet18`` (``preact=True``;
+  ``final_bn`` adds RobustBench's ``bn`` before pooling)."""
+
+  def __init__(self, num_classes=10, width=64, preact=False, final_bn=True):
+    super().__init__()
+    self.preact, self.final_bn = preact, final_bn
+    block = TorchPreActBlock if preact else TorchBasicBlock
+    self.conv1 = tnn.Conv2d(3, width, 3, 1, 1, bias=False)
+    if not preact:
+      self.bn1 = tnn.BatchNorm2d(width)
+    in_planes = width
+    for s, stride in enumerate((1, 2, 2, 2)):
+      planes = width * 2 ** s
+      layers = []
+      for i in range(2):
+        layers.append(block(in_planes, planes, stride if i == 0 else 1))
+        in_planes = planes
+      setattr(self, f"layer{s + 1}", tnn.Sequential(*layers))
+    if preact and final_bn:
+      self.bn = tnn.BatchNorm2d(in_planes)
+    self.linear = tnn.Linear(in_planes, num_classes)
+
+  def forward(self, x):
+    out = self.conv1(x)
+    if not self.preact:
+      out = F.relu(self.bn1(out))
+    out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+    if self.preact and self.final_bn:
+      out = F.relu(self.bn(out))
+    out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+    return self.linear(out)
+
+
+class TorchWideBlock(tnn.Module):
+  """RobustBench / TRADES WRN ``BasicBlock`` (verbatim logic)."""
+
+  def __init__(self, in_planes, out_planes, stride):
+    super().__init__()
+    self.bn1 = tnn.BatchNorm2d(in_planes)
+    self.relu1 = tnn.ReLU(inplace=True)
+    self.conv1 = tnn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+    self.bn2 = tnn.BatchNorm2d(out_planes)
+    self.relu2 = tnn.ReLU(inplace=True)
+    self.conv2 = tnn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+    self.equalInOut = in_planes == out_planes
+    self.convShortcut = (None if self.equalInOut else tnn.Conv2d(
+        in_planes, out_planes, 1, stride, 0, bias=False))
+
+  def forward(self, x):
+    if not self.equalInOut:
+      x = self.relu1(self.bn1(x))
+    else:
+      out = self.relu1(self.bn1(x))
+    out = self.relu2(self.bn2(self.conv1(out if self.equalInOut else x)))
+    out = self.conv2(out)
+    return torch.add(x if self.equalInOut else self.convShortcut(x), out)
+
+
+class TorchNetworkBlock(tnn.Module):
+
+  def __init__(self, nb_layers, in_planes, out_planes, stride):
+    super().__init__()
+    self.layer = tnn.Sequential(*[
+        TorchWideBlock(in_planes if i == 0 else out_planes, out_planes,
+                       stride if i == 0 else 1) for i in range(nb_layers)])
+
+  def forward(self, x):
+    return self.layer(x)
+
+
+class TorchWideResNet(tnn.Module):
+  """RobustBench / TRADES ``WideResNet`` (``sub_block1``: TRADES' unused one)."""
+
+  def __init__(self, depth=34, widen_factor=10, num_classes=10,
+               sub_block1=False):
+    super().__init__()
+    ch = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+    n = (depth - 4) // 6
+    self.conv1 = tnn.Conv2d(3, ch[0], 3, 1, 1, bias=False)
+    self.block1 = TorchNetworkBlock(n, ch[0], ch[1], 1)
+    if sub_block1:
+      self.sub_block1 = TorchNetworkBlock(n, ch[0], ch[1], 1)
+    self.block2 = TorchNetworkBlock(n, ch[1], ch[2], 2)
+    self.block3 = TorchNetworkBlock(n, ch[2], ch[3], 2)
+    self.bn1 = tnn.BatchNorm2d(ch[3])
+    self.relu = tnn.ReLU(inplace=True)
+    self.fc = tnn.Linear(ch[3], num_classes)
+
+  def forward(self, x):
+    out = self.block3(self.block2(self.block1(self.conv1(x))))
+    out = self.relu(self.bn1(out))
+    out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+    return self.fc(out)
+
+
+def randomise(net, seed=0):
+  """Random BN affine parameters and running statistics (and biases), so a
+  BN layer mapped to the wrong place, or eps / mean / var mixed up, shows."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in net.modules():
+      if isinstance(m, tnn.BatchNorm2d):
+        c = m.num_features
+        m.weight.copy_(0.5 + torch.rand(c, generator=g))
+        m.bias.copy_(0.2 * torch.randn(c, generator=g))
+        m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
+        m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g))
+        m.num_batches_tracked.fill_(123)
+      elif isinstance(m, (tnn.Conv2d, tnn.Linear)):
+        fan_in = m.weight[0].numel()
+        m.weight.copy_(torch.randn(m.weight.shape, generator=g)
+                       * (2.0 / fan_in) ** 0.5)
+        if m.bias is not None:
+          m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+  return net.eval()
+
+
+def nhwc_images(shape, seed=0):
+  return np.random.default_rng(seed).uniform(size=shape).astype(np.float32)
+
+
+def torch_logits(net, x_nhwc):
+  with torch.no_grad():
+    return net(torch.from_numpy(np.ascontiguousarray(
+        x_nhwc.transpose(0, 3, 1, 2)))).numpy()
+
+
+def flax_logits(model, params, state, x):
+  return np.asarray(jax.jit(model.apply)({"params": params, **state},
+                                         jnp.asarray(x, F32)))
+
+
+def assert_logits_close(got, want):
+  assert np.abs(want).max() > 0.1  # non-trivial logits
+  np.testing.assert_allclose(got, want, rtol=1e-4,
+                             atol=1e-4 * max(1.0, np.abs(want).max()))
+
+
+# ------------------------------------------------------ logits equivalence
+# id: (torch net factory, registry name, model kwargs, NHWC input shape)
+CASES = {
+    "small_cnn": (lambda: TorchSmallCNN(), "small_cnn", {}, (3, 32, 32, 3)),
+    # Non-square 1-channel input: fc1's (c, h, w) -> (h, w, c) permutation
+    # needs H != W to be tested properly; 3 classes.
+    "small_cnn-24x32x1": (
+        lambda: TorchSmallCNN(3, 1, (24, 32), (8, 16), 32), "small_cnn",
+        {"num_classes": 3, "features": (8, 16), "hidden": 32},
+        (3, 24, 32, 1)),
+    "resnet18": (lambda: TorchResNet18(width=16), "resnet18", {"width": 16},
+                 (3, 32, 32, 3)),
+    "preact_resnet18": (lambda: TorchResNet18(width=16, preact=True),
+                        "preact_resnet18", {"width": 16}, (3, 32, 32, 3)),
+    "preact_resnet18-no-final-bn": (
+        lambda: TorchResNet18(width=16, preact=True, final_bn=False),
+        "preact_resnet18", {"width": 16, "final_bn": False}, (3, 32, 32, 3)),
+    # n = 2 blocks per group (identity and projection shortcuts), TRADES'
+    # unused sub_block1 present (dropped by the converter), 100 classes.
+    "wide_resnet-16-2": (
+        lambda: TorchWideResNet(16, 2, 100, sub_block1=True), "wide_resnet",
+        {"depth": 16, "widen_factor": 2, "num_classes": 100},
+        (3, 32, 32, 3)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_converted_logits_match_pytorch(case):
+  make, name, kwargs, shape = CASES[case]
+  net = randomise(make(), seed=len(case))
+  x = nhwc_images(shape, seed=1)
+  want = torch_logits(net, x)
+  params, state = convert_state_dict(net.state_dict(), name,
+                                     input_shape=shape[1:], **kwargs)
+  model = get_model(name, **kwargs)
+  assert set(state) == (set() if name == "small_cnn" else {"batch_stats"})
+  assert_logits_close(flax_logits(model, params, state, x), want)
+
+
+def test_small_cnn_input_shape_inferred_for_square_inputs():
+  net = randomise(TorchSmallCNN(in_channels=1, hw=(28, 28)))
+  x = nhwc_images((2, 28, 28, 1))
+  params, state = convert_state_dict(net.state_dict(), "small_cnn")
+  assert params["fc1"]["kernel"].shape == (7 * 7 * 64, 128)
+  assert_logits_close(flax_logits(get_model("small_cnn"), params, state, x),
+                      torch_logits(net, x))
+
+
+def test_normalisation_is_the_models_mean_std():
+  """A PyTorch net fed Normalize(mean, std)-ed images == the converted tsjax
+  model built with that mean/std and fed [0, 1] images."""
+  mean, std = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+  net = randomise(TorchSmallCNN(), seed=3)
+  x = nhwc_images((2, 32, 32, 3), seed=2)
+  want = torch_logits(net, (x - np.float32(mean)) / np.float32(std))
+  params, state = convert_state_dict(net.state_dict(), "small_cnn",
+                                     mean=mean, std=std)
+  model = get_model("small_cnn", mean=mean, std=std)
+  assert_logits_close(flax_logits(model, params, state, x), want)
+
+
+# ---------------------------------------------- full-size names and shapes
+def meta_state_shapes(make):
+  with torch.device("meta"):
+    net = make()
+  return {k: tuple(v.shape) for k, v in net.state_dict().items()
+          if not k.endswith("num_batches_tracked")}
+
+
+FULL = {
+    "resnet18": (lambda: TorchResNet18(), {}, 11_173_962),
+    "preact_resnet18": (lambda: TorchResNet18(preact=True), {}, 11_172_170),
+    "preact_resnet18-no-final-bn": (
+        lambda: TorchResNet18(preact=True, final_bn=False),
+        {"final_bn": False}, 11_171_146),
+    "wrn34_10": (lambda: TorchWideResNet(34, 10), {}, 46_160_474),
+    "wrn28_10": (lambda: TorchWideResNet(28, 10), {}, 36_479_194),
+    "small_cnn": (lambda: TorchSmallCNN(), {}, 545_098),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FULL))
+def test_full_size_key_names_and_shapes(case):
+  make, kwargs, count = FULL[case]
+  want = meta_state_shapes(make)
+  got = torch_state_dict_shapes(case.split("-")[0], **kwargs)
+  assert got == want
+  with torch.device("meta"):
+    n_torch = sum(p.numel() for p in make().parameters())
+  assert n_torch == count
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param("resnet18", marks=pytest.mark.slow),
+    "preact_resnet18",  # ~4 s on 2 CPU cores
+    pytest.param("wrn34_10", marks=pytest.mark.slow),  # ~11 s
+])
+def test_full_size_logits_match_pytorch(case):
+  make, kwargs, _ = FULL[case]
+  net = randomise(make(), seed=7)
+  x = nhwc_images((2, 32, 32, 3), seed=5)
+  params, state = convert_state_dict(net.state_dict(), case, **kwargs)
+  assert_logits_close(flax_logits(get_model(case, **kwargs), params, state, x),
+                      torch_logits(net, x))
+
+
+# ------------------------------------------------------------------ errors
+@pytest.fixture(scope="module")
+def preact_sd():
+  """State dict of a narrow PreActResNet18 (width 8), as numpy arrays."""
+  net = randomise(TorchResNet18(width=8, preact=True), seed=11)
+  return {k: v.numpy().copy() for k, v in net.state_dict().items()}
+
+
+def test_missing_key_error_names_model_count_and_key(preact_sd):
+  sd = dict(preact_sd)
+  del sd["layer2.0.shortcut.0.weight"], sd["bn.running_var"]
+  with pytest.raises(ValueError) as e:
+    convert_state_dict(sd, "preact_resnet18", width=8)
+  msg = str(e.value)
+  n = sum(int(np.prod(s)) for k, s in torch_state_dict_shapes(
+      "preact_resnet18", width=8).items() if "running" not in k)
+  assert "'preact_resnet18' model PreActResNet18(" in msg and "width=8" in msg
+  assert f"{n:,} parameters" in msg
+  assert "2 missing key(s): [bn.running_var, layer2.0.shortcut.0.weight]" in msg
+  assert "unexpected" not in msg
+
+
+def test_unexpected_key_error_and_hints(preact_sd):
+  sd = dict(preact_sd, **{"normalize.mean": np.zeros(3, np.float32)})
+  with pytest.raises(ValueError, match=r"1 unexpected key\(s\): "
+                     r"\[normalize.mean\]") as e:
+    convert_state_dict(sd, "preact_resnet18", width=8)
+  assert "missing" not in str(e.value)
+  # ... which `ignore` drops:
+  params, _ = convert_state_dict(sd, "preact_resnet18", width=8,
+                                 ignore=("normalize.",))
+  assert params["fc"]["kernel"].shape == (64, 10)
+  # A checkpoint with the final BN loaded without it (and vice versa).
+  with pytest.raises(ValueError, match="use final_bn=True"):
+    convert_state_dict(preact_sd, "preact_resnet18", width=8, final_bn=False)
+  no_bn = {k: v for k, v in preact_sd.items() if not k.startswith("bn.")}
+  with pytest.raises(ValueError, match="use final_bn=False"):
+    convert_state_dict(no_bn, "preact_resnet18", width=8)
+  # The wrong architecture.
+  with pytest.raises(ValueError, match="try 'resnet18'") as e:
+    convert_state_dict(meta_free(TorchResNet18(width=8)), "preact_resnet18",
+                       width=8)
+  assert "unexpected key(s)" in str(e.value)
+  assert "missing key(s)" in str(e.value)
+  with pytest.raises(ValueError, match="are a ResNet's"):
+    convert_state_dict(preact_sd, "wide_resnet", depth=10, widen_factor=1)
+
+
+def meta_free(net):
+  return {k: v.numpy() for k, v in net.state_dict().items()}
+
+
+def test_shape_mismatch_error_gives_both_shapes(preact_sd):
+  with pytest.raises(ValueError) as e:
+    convert_state_dict(preact_sd, "preact_resnet18", width=8, num_classes=100)
+  msg = str(e.value)
+  assert "2 shape mismatch(es)" in msg
+  assert "linear.weight: checkpoint (10, 64) vs expected (100, 64)" in msg
+  assert "linear.bias: checkpoint (10,) vs expected (100,)" in msg
+  assert "pass num_classes=10" in msg
+  with pytest.raises(ValueError, match=r"pass width=8") as e:
+    convert_state_dict(preact_sd, "preact_resnet18")
+  assert "conv1.weight: checkpoint (8, 3, 3, 3) vs expected (64, 3, 3, 3)" in (
+      str(e.value))
+  wrn = meta_free(TorchWideResNet(16, 1))
+  with pytest.raises(ValueError, match="looks like WideResNet-16-1"):
+    convert_state_dict(wrn, "wrn34_10")
+
+
+def test_other_errors():
+  with pytest.raises(ValueError, match="no PyTorch converter for mobilenet_v2"):
+    convert_state_dict({}, "mobilenet_v2")
+  with pytest.raises(ValueError, match="unknown model"):
+    convert_state_dict({}, "resnet50")
+  with pytest.raises(ValueError, match="only used with a registry name"):
+    convert_state_dict({}, PreActResNet18(), width=8)
+  with pytest.raises(ValueError, match="is a str, not a tensor"):
+    convert_state_dict({"conv1.weight": "x"}, "small_cnn")
+  with pytest.raises(ValueError, match="expected a state_dict"):
+    convert_state_dict([1, 2], "small_cnn")
+
+
+# -------------------------------------------------------- files and prefixes
+def test_sha256_check(tmp_path):
+  net = TorchSmallCNN(hw=(8, 8), features=(4, 8), hidden=8)
+  path = tmp_path / "net.pt"
+  torch.save(net.state_dict(), path)
+  digest = hashlib.sha256(path.read_bytes()).hexdigest()
+  assert compute_sha256(path) == digest
+  sd = load_torch_state_dict(path, sha256=digest.upper())
+  assert set(sd) == set(net.state_dict())
+  assert all(isinstance(v, np.ndarray) for v in sd.values())
+  load_torch_state_dict(path, sha256=digest[:10])  # torch.hub-style prefix
+  wrong = "0" * 64
+  with pytest.raises(ValueError) as e:
+    load_torch_state_dict(path, sha256=wrong)
+  assert f"expected {wrong}, got {digest}" in str(e.value)
+  assert "SHA-256 mismatch" in str(e.value)
+  with pytest.raises(ValueError, match="hex digest"):
+    load_torch_state_dict(path, sha256="not-a-digest")
+  with pytest.raises(FileNotFoundError):
+    load_torch_state_dict(tmp_path / "missing.pt")
+
+
+def test_containers_and_module_prefix_are_unwrapped(tmp_path):
+  net = randomise(TorchSmallCNN(hw=(8, 8), features=(4, 8), hidden=8), seed=5)
+  kwargs = dict(features=(4, 8), hidden=8)
+  ref_params, _ = convert_state_dict(net.state_dict(), "small_cnn", **kwargs)
+  # nn.DataParallel keys in a training checkpoint dict.
+  wrapped = {"epoch": 3, "optimizer": {"lr": 0.1},
+             "model_state_dict": tnn.DataParallel(net).state_dict()}
+  assert all(k.startswith("module.")
+             for k in wrapped["model_state_dict"])
+  path = tmp_path / "ckpt.pth"
+  torch.save(wrapped, path)
+  sd = load_torch_state_dict(path)
+  assert set(sd) == set(net.state_dict())
+  model, params, state = convert_torch_checkpoint(
+      path, "small_cnn", sha256=compute_sha256(path), **kwargs)
+  assert model == get_model("small_cnn", **kwargs) and state == {}
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+  # In memory, nested containers and doubled prefixes.
+  nested = {"net": {"state_dict": {f"module.module.{k}": v for k, v in
+                                   net.state_dict().items()}}}
+  params, _ = convert_state_dict(nested, "small_cnn", **kwargs)
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+  # Extra prefixes on request.
+  prefixed = {f"model.{k}": v for k, v in net.state_dict().items()}
+  with pytest.raises(ValueError, match="wrapper prefix"):
+    convert_state_dict(prefixed, "small_cnn", **kwargs)
+  params, _ = convert_state_dict(prefixed, "small_cnn",
+                                 strip_prefixes=("model.",), **kwargs)
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+
+
+def test_npz_round_trip_without_torch(tmp_path, monkeypatch):
+  net = randomise(TorchResNet18(width=4, preact=True), seed=9)
+  ref = convert_state_dict(net.state_dict(), "preact_resnet18", width=4)
+  path = tmp_path / "net.npz"
+  save_state_dict_npz({"state_dict": net.state_dict()}, path)
+  torch_path = tmp_path / "net.pt"
+  torch.save(net.state_dict(), torch_path)
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails
+  sd = load_torch_state_dict(path, sha256=compute_sha256(path))
+  assert set(sd) == set(net.state_dict())  # num_batches_tracked kept ...
+  got = convert_state_dict(sd, "preact_resnet18", width=4)  # ... and ignored
+  jax.tree.map(np.testing.assert_array_equal, got, ref)
+  assert all(a.dtype == F32 for a in jax.tree.leaves(got))
+  with pytest.raises(ImportError, match="pip install torch"):
+    load_torch_state_dict(torch_path)
+
+
+def test_tsjax_models_import_does_not_import_torch():
+  code = ("import sys, tsjax.models, tsjax.models.torch_convert; "
+          "assert 'torch' not in sys.modules")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

@@ -1,0 +1,569 @@
+"""PyTorch state_dict -> Flax variables for the tsjax image models.
+
+Converts checkpoints of the PyTorch networks the adversarial-robustness
+literature (RobustBench, TRADES, Rice et al., kuangliu/pytorch-cifar) uses as
+teachers into ``(params, model_state)`` for the matching tsjax model, so that
+``model.apply({"params": params, **model_state}, x)`` computes the same logits
+(eval mode) as the PyTorch network on the same images. Supported models and
+the PyTorch key names they expect (``s`` = 1..4, ``g`` = 1..3, ``i`` = block):
+
+  registry name / class          PyTorch keys (``.weight`` etc. omitted)
+  ``resnet18`` ResNet18          conv1, bn1, layer{s}.{i}.{conv1,bn1,conv2,bn2},
+                                 layer{s}.0.shortcut.{0,1} (where the shape
+                                 changes), linear   (kuangliu ``resnet.py``,
+                                 RobustBench ``ResNet18``)
+  ``preact_resnet18``            conv1, layer{s}.{i}.{bn1,conv1,bn2,conv2},
+    PreActResNet18               layer{s}.0.shortcut.0, bn (``final_bn=True``,
+                                 the default: Rice et al. / RobustBench
+                                 ``PreActResNet18``; ``final_bn=False`` for
+                                 kuangliu's ``preact_resnet.py``), linear
+  ``wrn34_10``, ``wrn28_10``,    conv1, block{g}.layer.{i}.{bn1,conv1,bn2,conv2},
+    ``wide_resnet`` WideResNet   block{g}.layer.0.convShortcut, bn1, fc
+                                 (TRADES / RobustBench ``WideResNet``; TRADES'
+                                 unused ``sub_block1.*`` keys are dropped)
+  ``small_cnn`` SmallCNN         conv1, conv2 (, conv3, ...), fc1, fc
+
+Conversion rules: conv weights OIHW -> HWIO, linear weights ``(out, in)`` ->
+``(in, out)``, BN ``weight``/``bias`` -> params ``scale``/``bias`` and
+``running_mean``/``running_var`` -> ``batch_stats`` ``mean``/``var``
+(``num_batches_tracked`` is ignored). ``SmallCNN``'s ``fc1`` rows are permuted
+from PyTorch's ``(c, h, w)`` flatten order to the NHWC ``(h, w, c)`` order,
+which needs the input's height and width (``input_shape``; inferred from
+``fc1`` for square inputs). Values are cast to the model's ``param_dtype``.
+The tsjax batch norms use PyTorch's epsilon (1e-5; momentum 0.9 = PyTorch's
+0.1), so eval-mode outputs agree to float32 rounding.
+
+Matching is strict: any missing key, unexpected key or shape mismatch raises a
+ValueError that names the model, its parameter count and every offending key
+(with both shapes), plus hints where the mismatch looks like a wrong option
+(``num_classes``, ``width``, ``final_bn``, WRN depth / widen factor). The result
+is checked against ``jax.eval_shape(model.init, ...)`` (structure, shapes and
+dtypes).
+
+**Normalisation.** tsjax models take images in [0, 1] and apply
+``(x - mean) / std`` inside (``tsjax.models.cnn``). Pass the ``mean`` / ``std``
+the PyTorch pipeline applied before the network: RobustBench models take [0, 1]
+inputs, so a RobustBench network without its own normalisation layer needs
+the defaults ``mean=(0.0,)``, ``std=(1.0,)``; a network trained on
+``transforms.Normalize(mean, std)``-ed inputs (or wrapped in a normalising
+module, whose buffers then show up as unexpected keys: drop them with
+``ignore``) needs those ``mean`` / ``std``. The converted weights are the same
+either way; only the model's fields differ.
+
+Example::
+
+  from tsjax.models import convert_torch_checkpoint
+  model, params, state = convert_torch_checkpoint(
+      "Rice2020Overfitting.pt", "wrn34_10", sha256="...")
+  logits = model.apply({"params": params, **state}, images)   # NHWC in [0, 1]
+
+PyTorch is imported only by ``load_torch_state_dict`` for ``.pt`` / ``.pth``
+files (``.npz`` files and in-memory dicts need no PyTorch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, Iterable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tsjax.models.cnn import SmallCNN
+from tsjax.models.resnet import PreActResNet18, ResNet18
+from tsjax.models.wide_resnet import WideResNet
+
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net")
+SUPPORTED = (ResNet18, PreActResNet18, WideResNet, SmallCNN)
+_MAX_LISTED = 25
+
+
+# ------------------------------------------------------------------ loading
+def compute_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+  """Hex SHA-256 digest of the file at ``path`` (read in chunks)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(chunk_size), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def verify_sha256(path: str | os.PathLike, sha256: str) -> str:
+  """Checks the file's SHA-256; returns the digest, raises ValueError if wrong.
+
+  ``sha256`` is the full hex digest or a prefix of at least 8 hex digits
+  (torch.hub's file-name convention); case is ignored.
+  """
+  expected = str(sha256).strip().lower()
+  if not re.fullmatch(r"[0-9a-f]{8,64}", expected):
+    raise ValueError(f"sha256 must be a hex digest (or a prefix of at least 8 "
+                     f"hex digits), got {sha256!r}")
+  actual = compute_sha256(path)
+  if not actual.startswith(expected):
+    raise ValueError(f"SHA-256 mismatch for {os.fspath(path)!r}: expected "
+                     f"{expected}, got {actual} (corrupt or wrong file?)")
+  return actual
+
+
+def _to_numpy(value: Any, key: str) -> np.ndarray:
+  """A torch tensor / numpy array / number -> numpy array (no torch import)."""
+  if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor
+    t = value.detach().cpu()
+    if t.is_floating_point() and str(t.dtype) not in ("torch.float32",
+                                                      "torch.float64"):
+      t = t.float()  # float16 / bfloat16: numpy has no bfloat16
+    return t.numpy()
+  if isinstance(value, (np.ndarray, np.generic, int, float)) or (
+      hasattr(value, "__array__") and not isinstance(value, Mapping)):
+    return np.asarray(value)
+  raise ValueError(f"state_dict entry {key!r} is a {type(value).__name__}, "
+                   f"not a tensor or array")
+
+
+def _unwrap(obj: Any) -> Any:
+  """Unwraps checkpoint containers ({'state_dict': ...}, whole modules)."""
+  for _ in range(8):
+    if not isinstance(obj, Mapping) and callable(getattr(obj, "state_dict",
+                                                         None)):
+      obj = obj.state_dict()  # a pickled nn.Module
+      continue
+    if isinstance(obj, Mapping):
+      inner = [k for k in CONTAINER_KEYS if isinstance(obj.get(k), Mapping)
+               or (k in obj and callable(getattr(obj[k], "state_dict", None)))]
+      if inner:
+        obj = obj[inner[0]]
+        continue
+    break
+  return obj
+
+
+def _clean(state_dict: Mapping, strip_prefixes: Sequence[str]) -> dict:
+  """Unwraps containers, strips prefixes, converts values to numpy."""
+  state_dict = _unwrap(state_dict)
+  if not isinstance(state_dict, Mapping):
+    raise ValueError(f"expected a state_dict (a mapping of names to tensors) "
+                     f"or a checkpoint dict holding one under "
+                     f"{list(CONTAINER_KEYS)}; got {type(state_dict).__name__}")
+  out = {}
+  for key, value in state_dict.items():
+    name = str(key)
+    stripped = True
+    while stripped:
+      stripped = False
+      for prefix in strip_prefixes:
+        if prefix and name.startswith(prefix):
+          name, stripped = name[len(prefix):], True
+    if name in out:
+      raise ValueError(f"state_dict key {key!r} collides with another key "
+                       f"after stripping prefixes {list(strip_prefixes)}")
+    out[name] = _to_numpy(value, str(key))
+  return out
+
+
+def load_torch_state_dict(path: str | os.PathLike, sha256: str | None = None,
+                          *, strip_prefixes: Sequence[str] = ("module.",),
+                          weights_only: bool = True) -> dict[str, np.ndarray]:
+  """Loads a PyTorch checkpoint (or ``.npz``) as ``{name: numpy array}``.
+
+  Args:
+    path: a ``torch.save`` file (``.pt`` / ``.pth`` / ``.ckpt`` / ...) or a
+      ``.npz`` file whose array names are the state_dict keys (e.g. written
+      by ``save_state_dict_npz``); ``.npz`` needs no PyTorch.
+    sha256: expected hex SHA-256 of the file (or a prefix of >= 8 hex
+      digits); checked before anything is unpickled; a mismatch raises a
+      ValueError naming the expected and the actual digest.
+    strip_prefixes: prefixes removed from every key that has them, repeatedly
+      (``module.`` from ``nn.DataParallel``; add e.g. ``"model."`` for
+      wrapped networks).
+    weights_only: passed to ``torch.load``. Keep True (no arbitrary code runs);
+      False only for trusted files that pickle other objects.
+
+  Checkpoint dicts are unwrapped (``state_dict``, ``model_state_dict``,
+  ``model``, ``net`` keys, nested, and pickled modules); float16/bfloat16
+  tensors become float32.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no checkpoint file at {path!r}")
+  if sha256 is not None:
+    verify_sha256(path, sha256)
+  if path.lower().endswith(".npz"):
+    with np.load(path, allow_pickle=False) as data:
+      return _clean({k: data[k] for k in data.files}, strip_prefixes)
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(
+        f"loading the PyTorch checkpoint {path!r} needs PyTorch: "
+        f"`pip install torch` (CPU build suffices), or convert it to .npz "
+        f"elsewhere with tsjax.models.torch_convert.save_state_dict_npz") from e
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+  except Exception as e:  # pickle.UnpicklingError and friends
+    if weights_only and "weights_only" in str(e):
+      raise ValueError(
+          f"torch.load(weights_only=True) refused {path!r} (it pickles "
+          f"objects other than tensors): {e}\nIf you trust the file, pass "
+          f"weights_only=False.") from e
+    raise
+  return _clean(obj, strip_prefixes)
+
+
+def save_state_dict_npz(state_dict: Mapping, path: str | os.PathLike) -> None:
+  """Writes a state_dict (torch tensors or arrays) as ``.npz`` with its keys."""
+  arrays = _clean(state_dict, ())
+  np.savez(path, **arrays)
+
+
+# ---------------------------------------------------------------- key maps
+def _torch_prefix(model: nn.Module, path: tuple[str, ...]) -> str:
+  """PyTorch module name of the Flax submodule at ``path``."""
+  if isinstance(model, SmallCNN):
+    if len(path) == 1:
+      return path[0]
+  elif isinstance(model, (ResNet18, PreActResNet18)):
+    top = {"stem_conv": "conv1", "stem_bn": "bn1", "final_bn": "bn",
+           "fc": "linear"}
+    if len(path) == 1 and path[0] in top:
+      return top[path[0]]
+    m = re.fullmatch(r"layer(\d+)_(\d+)", path[0])
+    if len(path) == 2 and m:
+      sub = {"shortcut_conv": "shortcut.0",
+             "shortcut_bn": "shortcut.1"}.get(path[1], path[1])
+      return f"layer{m[1]}.{m[2]}.{sub}"
+  elif isinstance(model, WideResNet):
+    top = {"stem_conv": "conv1", "final_bn": "bn1", "fc": "fc"}
+    if len(path) == 1 and path[0] in top:
+      return top[path[0]]
+    m = re.fullmatch(r"block(\d+)_(\d+)", path[0])
+    if len(path) == 2 and m:
+      sub = {"shortcut_conv": "convShortcut"}.get(path[1], path[1])
+      return f"block{m[1]}.layer.{m[2]}.{sub}"
+  raise AssertionError(f"no PyTorch name for {type(model).__name__} "
+                       f"submodule {'/'.join(path)}")
+
+
+def _describe(model: nn.Module, name: str | None = None) -> str:
+  fields = {
+      ResNet18: ("num_classes", "width"),
+      PreActResNet18: ("num_classes", "width", "final_bn"),
+      WideResNet: ("depth", "widen_factor", "num_classes"),
+      SmallCNN: ("num_classes", "features", "hidden"),
+  }
+  cls = type(model)
+  opts = ", ".join(f"{f}={getattr(model, f)!r}"
+                   for f in fields.get(cls, ()))
+  text = f"{cls.__name__}({opts})"
+  return f"{name!r} model {text}" if name else text
+
+
+def _build_model(model: str | nn.Module, model_kwargs: dict):
+  if isinstance(model, str):
+    from tsjax.models import get_model  # pylint: disable=import-outside-toplevel
+    return get_model(model, **model_kwargs), model
+  if model_kwargs:
+    raise ValueError(f"model options {sorted(model_kwargs)} are only used "
+                     f"with a registry name; got a model instance")
+  if not isinstance(model, nn.Module):
+    raise ValueError(f"model must be a registry name or a Flax module, got "
+                     f"{type(model).__name__}")
+  return model, None
+
+
+def _check_supported(model: nn.Module, name: str | None) -> None:
+  if not isinstance(model, SUPPORTED):
+    raise ValueError(
+        f"no PyTorch converter for {name or type(model).__name__}; supported: "
+        f"'resnet18', 'preact_resnet18', 'wrn34_10' / 'wrn28_10' / "
+        f"'wide_resnet', 'small_cnn'")
+
+
+def _input_shape(model: nn.Module, input_shape, state_dict=None):
+  """(1, H, W, C) to initialise ``model`` with (see ``convert_state_dict``)."""
+  if input_shape is not None:
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 3:
+      shape = (1,) + shape
+    if len(shape) != 4:
+      raise ValueError(f"input_shape must be (H, W, C) or (N, H, W, C), got "
+                       f"{tuple(input_shape)}")
+    return (1,) + shape[1:]
+  state_dict = state_dict or {}
+  channels = max(len(tuple(model.mean)), len(tuple(model.std)))
+  if channels == 1:
+    w = state_dict.get("conv1.weight")
+    channels = int(w.shape[1]) if w is not None and w.ndim == 4 else 3
+  side = 32
+  if isinstance(model, SmallCNN):
+    w = state_dict.get("fc1.weight")
+    last = int(tuple(model.features)[-1])
+    if w is not None and w.ndim == 2 and w.shape[1] % last == 0:
+      cells = w.shape[1] // last
+      root = math.isqrt(cells)
+      if root * root == cells:
+        side = root * 2 ** len(tuple(model.features))
+  return (1, side, side, channels)
+
+
+def _spec(model: nn.Module, input_shape):
+  """``[(torch_key, collection, flax_path, kind, torch_shape, leaf)]`` and the
+  abstract variables of ``model`` for inputs of ``input_shape``."""
+  abstract = jax.eval_shape(model.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct(input_shape, jnp.float32))
+  entries = []
+  for collection, tree in abstract.items():
+    if collection not in ("params", "batch_stats"):
+      raise AssertionError(f"unexpected variable collection {collection!r}")
+    for kpath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      path = tuple(k.key for k in kpath)
+      prefix = _torch_prefix(model, path[:-1])
+      leaf_name = path[-1]
+      shape = tuple(leaf.shape)
+      if collection == "batch_stats":
+        kind, suffix = "vector", {"mean": "running_mean",
+                                  "var": "running_var"}[leaf_name]
+        tshape = shape
+      elif leaf_name == "scale":
+        kind, suffix, tshape = "vector", "weight", shape
+      elif leaf_name == "bias":
+        kind, suffix, tshape = "vector", "bias", shape
+      elif leaf_name == "kernel" and len(shape) == 4:
+        kind, suffix = "conv", "weight"
+        tshape = (shape[3], shape[2], shape[0], shape[1])
+      elif leaf_name == "kernel" and len(shape) == 2:
+        kind, suffix, tshape = "dense", "weight", (shape[1], shape[0])
+        if isinstance(model, SmallCNN) and path[0] == "fc1":
+          kind = "dense_chw"
+      else:
+        raise AssertionError(f"unexpected leaf {'/'.join(path)} {shape}")
+      entries.append((f"{prefix}.{suffix}", collection, path, kind, tshape,
+                      leaf))
+  return entries, abstract
+
+
+def torch_state_dict_shapes(model: str | nn.Module, *,
+                            input_shape: Sequence[int] | None = None,
+                            **model_kwargs) -> dict[str, tuple[int, ...]]:
+  """``{PyTorch key: shape}`` a checkpoint for ``model`` must contain.
+
+  ``num_batches_tracked`` buffers (optional) are not listed. ``input_shape``
+  as for ``convert_state_dict`` (default 32x32, C from ``mean``/``std`` or 3).
+  """
+  model, name = _build_model(model, model_kwargs)
+  _check_supported(model, name)
+  entries, _ = _spec(model, _input_shape(model, input_shape))
+  return {key: tshape for key, _, _, _, tshape, _ in entries}
+
+
+def _convert_value(value: np.ndarray, kind: str, model: nn.Module,
+                   input_shape) -> np.ndarray:
+  if kind == "conv":
+    return np.transpose(value, (2, 3, 1, 0))
+  if kind == "dense":
+    return value.T
+  if kind == "dense_chw":  # rows (c, h, w) -> (h, w, c)
+    scale = 2 ** len(tuple(model.features))
+    h, w = input_shape[1] // scale, input_shape[2] // scale
+    out, flat = value.shape
+    c = flat // (h * w)
+    return value.reshape(out, c, h, w).transpose(2, 3, 1, 0).reshape(
+        h * w * c, out)
+  return value
+
+
+def _listing(keys: Iterable[str]) -> str:
+  keys = sorted(keys)
+  shown = ", ".join(keys[:_MAX_LISTED])
+  more = f", ... and {len(keys) - _MAX_LISTED} more" if len(
+      keys) > _MAX_LISTED else ""
+  return f"[{shown}{more}]"
+
+
+def _hints(model: nn.Module, name: str | None, sd: dict, missing: set,
+           unexpected: set, shapes: dict) -> list[str]:
+  hints = []
+  head = {"fc.weight", "linear.weight"}
+  for key in head & set(sd):
+    if sd[key].ndim == 2 and sd[key].shape[0] != model.num_classes:
+      hints.append(f"the checkpoint has {sd[key].shape[0]} classes: pass "
+                   f"num_classes={sd[key].shape[0]}")
+  if isinstance(model, PreActResNet18):
+    if "bn.weight" in unexpected and not model.final_bn:
+      hints.append("the checkpoint has a final BN ('bn.*', Rice et al. / "
+                   "RobustBench): use final_bn=True")
+    if "bn.weight" in missing and model.final_bn:
+      hints.append("the checkpoint has no final BN (kuangliu "
+                   "preact_resnet.py): use final_bn=False")
+  if isinstance(model, (PreActResNet18, ResNet18)):
+    if isinstance(model, PreActResNet18) and "bn1.weight" in unexpected:
+      hints.append("a stem BN ('bn1.*') suggests a post-activation ResNet: "
+                   "try 'resnet18'")
+    if isinstance(model, ResNet18) and "bn1.weight" in missing and (
+        "layer1.0.bn1.weight" in sd):
+      hints.append("no stem BN ('bn1.*') suggests a pre-activation ResNet: "
+                   "try 'preact_resnet18'")
+    w = sd.get("conv1.weight")
+    if w is not None and w.ndim == 4 and w.shape[0] != model.width:
+      hints.append(f"the checkpoint's stem has {w.shape[0]} channels: pass "
+                   f"width={w.shape[0]}")
+  if isinstance(model, WideResNet):
+    blocks = {int(m[1]) for k in sd
+              if (m := re.match(r"block1\.layer\.(\d+)\.", k))}
+    w = sd.get("block1.layer.0.conv1.weight")
+    if blocks and w is not None and w.ndim == 4 and w.shape[0] % 16 == 0:
+      depth, k = 6 * (max(blocks) + 1) + 4, w.shape[0] // 16
+      if (depth, k) != (model.depth, model.widen_factor):
+        hints.append(f"the checkpoint looks like WideResNet-{depth}-{k}: use "
+                     f"'wide_resnet' with depth={depth}, widen_factor={k}")
+  if isinstance(model, SmallCNN) and "fc1.weight" in shapes:
+    hints.append("SmallCNN's fc1 size depends on the input size: pass "
+                 "input_shape=(H, W, C) of the images the network was "
+                 "trained on")
+  if any(k.startswith(("module.", "model.", "0.", "1.")) for k in unexpected):
+    hints.append("keys carry a wrapper prefix: strip it (load_torch_state_"
+                 "dict(strip_prefixes=...)) or drop wrapper keys with ignore")
+  if not isinstance(model, WideResNet) and any(
+      k.startswith("block1.layer.") for k in unexpected):
+    hints.append("'block*.layer.*' keys are a WideResNet's: try 'wrn34_10' "
+                 "or 'wide_resnet'")
+  if isinstance(model, WideResNet) and any(
+      k.startswith("layer1.") for k in unexpected):
+    hints.append("'layer*.*' keys are a ResNet's: try 'resnet18' or "
+                 "'preact_resnet18'")
+  return hints
+
+
+def convert_state_dict(state_dict: Mapping, model: str | nn.Module, *,
+                       input_shape: Sequence[int] | None = None,
+                       ignore: Sequence[str] = (),
+                       strip_prefixes: Sequence[str] = ("module.",),
+                       **model_kwargs) -> tuple[dict, dict]:
+  """Converts a PyTorch state_dict to ``(params, model_state)`` for ``model``.
+
+  Args:
+    state_dict: ``{key: torch tensor or numpy array}`` (e.g. from
+      ``load_torch_state_dict`` or ``net.state_dict()``); checkpoint
+      containers are unwrapped and ``module.`` prefixes stripped as in
+      ``load_torch_state_dict``.
+    model: a registry name (``"resnet18"``, ``"preact_resnet18"``,
+      ``"wrn34_10"``, ``"wrn28_10"``, ``"wide_resnet"``, ``"small_cnn"``),
+      built with ``model_kwargs`` (e.g. ``final_bn=False``, ``num_classes``,
+      ``mean``/``std``: see the module docstring on normalisation), or a
+      model instance (then no ``model_kwargs``).
+    input_shape: ``(H, W, C)`` the model will see; only ``small_cnn``'s fc1
+      depends on H, W. Default: C from ``mean``/``std`` when per-channel,
+      else from ``conv1.weight``; H = W = 32, or for ``small_cnn`` the square
+      size that fits ``fc1.weight``.
+    ignore: key names or prefixes (ending in ``.``) to drop before matching,
+      e.g. a normalising wrapper's buffers. WideResNets always drop TRADES'
+      unused ``sub_block1.``.
+    strip_prefixes: as for ``load_torch_state_dict``.
+
+  Returns:
+    ``(params, model_state)``: ``model_state`` is ``{"batch_stats": ...}``
+    for the BN models and ``{}`` for ``small_cnn``; use
+    ``model.apply({"params": params, **model_state}, x)``.
+
+  Raises:
+    ValueError: listing missing keys, unexpected keys and shape mismatches
+      (PyTorch's shape vs the expected one), naming the model and its
+      parameter count, with hints for likely wrong options.
+  """
+  model, name = _build_model(model, model_kwargs)
+  _check_supported(model, name)
+  sd = _clean(state_dict, strip_prefixes)
+  drop = tuple(ignore) + (("sub_block1.",) if isinstance(model, WideResNet)
+                          else ())
+  sd = {k: v for k, v in sd.items()
+        if not any(k == d or (d.endswith(".") and k.startswith(d))
+                   for d in drop)}
+  shape_in = _input_shape(model, input_shape, sd)
+  entries, abstract = _spec(model, shape_in)
+  expected = {e[0]: e for e in entries}
+  bn_modules = {k[:-len(".running_mean")] for k in expected
+                if k.endswith(".running_mean")}
+  given = {k for k in sd
+           if not (k.endswith(".num_batches_tracked")
+                   and k[:-len(".num_batches_tracked")] in bn_modules)}
+  missing = set(expected) - given
+  unexpected = given - set(expected)
+  mismatched = {k: (tuple(sd[k].shape), expected[k][4])
+                for k in set(expected) & given
+                if tuple(sd[k].shape) != expected[k][4]}
+  if missing or unexpected or mismatched:
+    n_params = sum(math.prod(l.shape)
+                   for l in jax.tree.leaves(abstract["params"]))
+    n_stats = len(expected) - len(jax.tree.leaves(abstract["params"]))
+    parts = [f"the state_dict does not match {_describe(model, name)} "
+             f"({n_params:,} parameters in "
+             f"{len(jax.tree.leaves(abstract['params']))} tensors"
+             f"{f' + {n_stats} BN statistics' if n_stats else ''}; "
+             f"input {shape_in[1:]}); the state_dict has {len(sd)} keys"]
+    if missing:
+      parts.append(f"{len(missing)} missing key(s): {_listing(missing)}")
+    if unexpected:
+      parts.append(f"{len(unexpected)} unexpected key(s): "
+                   f"{_listing(unexpected)}")
+    if mismatched:
+      items = [f"{k}: checkpoint {s} vs expected {e}"
+               for k, (s, e) in sorted(mismatched.items())]
+      more = (f"\n  ... and {len(items) - _MAX_LISTED} more"
+              if len(items) > _MAX_LISTED else "")
+      parts.append(f"{len(items)} shape mismatch(es):\n  "
+                   + "\n  ".join(items[:_MAX_LISTED]) + more)
+    hints = _hints(model, name, sd, missing, unexpected, mismatched)
+    if hints:
+      parts.insert(1, "hint: " + "; ".join(hints))
+    raise ValueError("\n".join(parts))
+
+  variables: dict = {}
+  for key, collection, path, kind, _, leaf in entries:
+    value = _convert_value(sd[key], kind, model, shape_in)
+    if not np.issubdtype(value.dtype, np.floating):
+      raise ValueError(f"state_dict entry {key!r} has dtype {value.dtype}; "
+                       f"expected floating point")
+    node = variables.setdefault(collection, {})
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = jnp.asarray(np.ascontiguousarray(value), leaf.dtype)
+  # The result must have exactly model.init's structure, shapes and dtypes.
+  got = jax.tree.map(lambda a: (a.shape, a.dtype), variables)
+  want = jax.tree.map(lambda a: (a.shape, a.dtype), abstract)
+  if jax.tree.structure(variables) != jax.tree.structure(abstract) or (
+      jax.tree.leaves(got) != jax.tree.leaves(want)):
+    raise AssertionError("converted variables do not match model.init")
+  params = variables.pop("params")
+  return params, variables
+
+
+def convert_torch_checkpoint(path: str | os.PathLike, model: str | nn.Module,
+                             sha256: str | None = None, *,
+                             input_shape: Sequence[int] | None = None,
+                             ignore: Sequence[str] = (),
+                             strip_prefixes: Sequence[str] = ("module.",),
+                             weights_only: bool = True, **model_kwargs):
+  """``load_torch_state_dict`` + ``convert_state_dict``.
+
+  Returns ``(model, params, model_state)`` with ``model`` the Flax module
+  (built from the registry name and ``model_kwargs``, or the one passed).
+  """
+  sd = load_torch_state_dict(path, sha256, strip_prefixes=strip_prefixes,
+                             weights_only=weights_only)
+  module, _ = _build_model(model, model_kwargs)
+  params, state = convert_state_dict(
+      sd, model, input_shape=input_shape, ignore=ignore,
+      strip_prefixes=strip_prefixes, **model_kwargs)
+  return module, params, state
+
+
+__all__ = [
+    "compute_sha256", "verify_sha256", "load_torch_state_dict",
+    "save_state_dict_npz", "convert_state_dict", "convert_torch_checkpoint",
+    "torch_state_dict_shapes",
+]
