@@ -46,6 +46,7 @@ def get_config(arg: str = "fashion_mnist,pgd_at") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "small_cnn"
   c.model.kwargs = ml_collections.ConfigDict()
+  c.model.normalize = True       # (x - mean) / std of the data set inside the model
 
   # On-device augmentation spec (tsjax.data.augment.parse_augment_spec), e.g.
   # "crop_flip", "crop_flip,autoaugment_cifar10", "crop_flip,mixup".
@@ -61,6 +62,7 @@ def get_config(arg: str = "fashion_mnist,pgd_at") -> ml_collections.ConfigDict:
   c.method.attack.steps = 10
   c.method.attack.bn_mode = "eval"   # batch-norm mode while attacking
   c.method.attack.start = "uniform"  # "uniform" in the ball or "normal" (std 0.001)
+  c.method.attack.restarts = 1
   c.method.trades_beta = 6.0
   c.method.ccat_rho = 10.0
   c.method.ccat_clean_fraction = 0.5
@@ -88,6 +90,8 @@ def get_config(arg: str = "fashion_mnist,pgd_at") -> ml_collections.ConfigDict:
   c.eval.val_subset = 1000        # validation examples used for model selection
   c.eval.select_metric = "pgd/acc"
   c.eval.ccat_tpr = 0.99
+  c.eval.autoattack_subset = 0    # > 0: AutoAttack on the first N test examples
+  c.eval.autoattack_version = "standard"
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ml_collections.FieldReference(

@@ -32,39 +32,16 @@ def define_flags():
 
 
 def load_classifier(run_dir: str, which: str = "best"):
-  """``(model, params, model_state, train_config, test_set)`` of a run."""
-  import ml_collections
-  from tsjax import models
+  """``(model, params, model_state, train_config, test_set)`` of a run of
+  experiments.train or experiments.distill (see tsjax.train.teachers)."""
   from tsjax.data import images
-  from tsjax.train import CheckpointStore
-
-  path = os.path.join(run_dir, "config.json")
-  if not os.path.exists(path):
+  from tsjax.train.teachers import load_run
+  if not os.path.exists(os.path.join(run_dir, "config.json")):
     raise FileNotFoundError(
         f"config field 'checkpoint': {run_dir!r} is not a work dir of "
-        f"experiments.train (no config.json there)")
-  cfg = ml_collections.ConfigDict(json.load(open(path)))
-  test = images.load_from_config(cfg, "test")
-  train = images.load_from_config(cfg, "train")
-  model = models.get_model(cfg.model.name, num_classes=train.num_classes,
-                           mean=train.mean, std=train.std,
-                           **cfg.model.kwargs.to_dict())
-  if which == "best":
-    store = CheckpointStore(os.path.join(run_dir, "best"), max_to_keep=1)
-    if store.latest_step() is None:
-      raise FileNotFoundError(f"no best/ checkpoint in {run_dir}; use "
-                              f"--config.which=last")
-    tree = store.restore_raw()
-    params, ms = tree["params"], tree.get("model_state", {}) or {}
-  elif which == "last":
-    store = CheckpointStore(os.path.join(run_dir, "checkpoints"))
-    tree = store.restore_raw()
-    params, ms = tree["state"]["params"], tree["state"].get("model_state") or {}
-  else:
-    raise ValueError(f"config field 'which' must be 'best' or 'last', got "
-                     f"{which!r}")
-  store.close()
-  return model, params, ms, cfg, test
+        f"experiments.train or experiments.distill (no config.json there)")
+  model, params, ms, cfg = load_run(run_dir, which)
+  return model, params, ms, cfg, images.load_from_config(cfg, "test")
 
 
 def run(config, workdir: str, progress: bool = True) -> dict:

@@ -20,6 +20,8 @@ import os
 import sys
 import time
 
+from typing import Any, NamedTuple
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -40,7 +42,7 @@ def define_flags():
 METHODS = ("standard", "pgd_at", "trades", "ccat")
 
 
-def validate(config) -> None:
+def validate(config, methods=METHODS) -> None:
   """Config checks that need no data and compile nothing."""
   from tsjax import config_checks as cc
   from tsjax import models
@@ -58,17 +60,19 @@ def validate(config) -> None:
   if name not in models.REGISTRY:
     raise cc.ConfigError(f"config field 'model.name' must be one of "
                          f"{sorted(models.REGISTRY)}, got {name!r}")
-  cc.check_choice(config, "method.name", METHODS)
+  cc.check_choice(config, "method.name", methods)
   cc.check_choice(config, "method.attack.norm", NORMS)
   cc.check_number(config, "method.attack.eps", low=0)
   cc.check_number(config, "method.attack.step_size", low=0)
   cc.check_number(config, "method.attack.steps", low=1, integer=True)
   cc.check_choice(config, "method.attack.bn_mode", BN_MODES)
   cc.check_choice(config, "method.attack.start", ("uniform", "normal"))
-  cc.check_number(config, "method.label_smoothing", low=0, high=1)
-  cc.check_number(config, "method.trades_beta", low=0)
-  cc.check_number(config, "method.ccat_rho", low=0, low_open=True)
-  cc.check_number(config, "method.ccat_clean_fraction", low=0, high=1)
+  cc.check_number(config, "method.attack.restarts", low=1, integer=True)
+  if config.method.name in METHODS:
+    cc.check_number(config, "method.label_smoothing", low=0, high=1)
+    cc.check_number(config, "method.trades_beta", low=0)
+    cc.check_number(config, "method.ccat_rho", low=0, low_open=True)
+    cc.check_number(config, "method.ccat_clean_fraction", low=0, high=1)
   from tsjax.data import augment
   spec = augment.parse_augment_spec(cc.get_field(config, "augment"), "augment")
   if config.method.name == "ccat" and any(n in ("mixup", "cutmix")
@@ -91,18 +95,45 @@ def validate(config) -> None:
   cc.check_number(config, "eval.val_pgd_steps", low=1, integer=True)
   cc.check_number(config, "eval.val_subset", low=0, integer=True)
   cc.check_number(config, "eval.ccat_tpr", low=0, high=1, low_open=True)
+  cc.check_number(config, "eval.autoattack_subset", low=0, integer=True)
+  from tsjax.attacks.autoattack import VERSIONS
+  cc.check_choice(config, "eval.autoattack_version", tuple(VERSIONS))
   cc.get_field(config, "eval.select_metric")
+
+
+def build_attack(config):
+  """The method's inner maximisation from ``config.method.attack``."""
+  from tsjax.methods.common import ImageAttack
+  a = config.method.attack
+  return ImageAttack(norm=a.norm, eps=a.eps, step_size=a.step_size,
+                     steps=int(a.steps), bn_mode=a.bn_mode,
+                     start_std=0.001 if a.start == "normal" else None,
+                     restarts=int(a.get("restarts", 1)))
+
+
+class Built(NamedTuple):
+  """What a method hands the generic training run: its pure loss, the
+  initial trainable variables, the step's ``ctx`` (frozen teachers) and the
+  ``view`` of the trained tree that is evaluated / averaged / selected."""
+  loss_fn: Any
+  params: Any
+  model_state: Any
+  ctx: Any = None
+  view: Any = None
+
+
+def build_classifier(config, model, data, key) -> Built:
+  """experiments.train's methods: one network trained from scratch."""
+  from tsjax.train import classifier as clf
+  params, model_state = clf.init_model(model, key, data.image_shape)
+  return Built(build_method(config, model), params, model_state)
 
 
 def build_method(config, model):
   """The method's pure loss (uint8 batches are converted and augmented inside)."""
   from tsjax.methods import ccat, pgd_at, standard, trades
-  from tsjax.methods.common import ImageAttack
 
-  a = config.method.attack
-  attack = ImageAttack(norm=a.norm, eps=a.eps, step_size=a.step_size,
-                       steps=int(a.steps), bn_mode=a.bn_mode,
-                       start_std=0.001 if a.start == "normal" else None)
+  attack = build_attack(config)
   m = config.method
   if m.name == "standard":
     return standard.make_loss(model, label_smoothing=m.label_smoothing)
@@ -141,8 +172,29 @@ def with_augmentation(loss_fn, config, num_classes: int):
   return wrapped
 
 
+def autoattack_row(model, params, model_state, test, ev, eps, key,
+                   progress: bool) -> dict:
+  """AutoAttack (``ev.autoattack_version``, L-inf ``eps``) on the first
+  ``ev.autoattack_subset`` test examples."""
+  import numpy as np
+  from tsjax.attacks.autoattack import autoattack
+  from tsjax.methods.common import logits_fn
+  n = min(int(ev.autoattack_subset), len(test))
+  aa = autoattack(logits_fn(model, params, model_state, "eval"),
+                  test.images[:n].astype(np.float32) / 255.0, test.labels[:n],
+                  key, norm="linf", eps=eps, version=ev.autoattack_version,
+                  batch_size=int(ev.batch_size), progress=progress)
+  return {"aa_acc": float(aa["robust_acc"]), "aa_clean_acc": float(aa["clean_acc"]),
+          "aa_num": n, "aa_after": aa["robust_acc_after"],
+          "aa_warnings": aa["warnings"]}
+
+
 def run(config, workdir: str, *, progress: bool = True,
-        stop_after_epochs: int | None = None) -> dict | None:
+        stop_after_epochs: int | None = None, build=None,
+        methods=METHODS) -> dict | None:
+  """Trains, selects and evaluates; ``build(config, model, train_set, key)
+  -> Built`` supplies the method (default: ``build_classifier``; the
+  distillation experiment passes its own)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -157,7 +209,7 @@ def run(config, workdir: str, *, progress: bool = True,
   from tsjax.train import classifier as clf
   from tsjax.train.fit import fit
 
-  validate(config)
+  validate(config, methods)
   if config.distributed.coordinator_address:
     jax.distributed.initialize(config.distributed.coordinator_address,
                                int(config.distributed.num_processes),
@@ -171,8 +223,10 @@ def run(config, workdir: str, *, progress: bool = True,
     test = test.subset(np.arange(min(config.data.test_subset, len(test))))
   train, val = images.split_dataset(full_train, int(config.data.num_val),
                                     int(config.seed))
+  normalize = bool(config.model.get("normalize", True))
   model = models.get_model(config.model.name, num_classes=train.num_classes,
-                           mean=train.mean, std=train.std,
+                           mean=train.mean if normalize else (0.0,),
+                           std=train.std if normalize else (1.0,),
                            **config.model.kwargs.to_dict())
   models.check_input_shape(model, train.image_shape)   # before compiling
   common.prepare_workdir(workdir, config)
@@ -185,11 +239,13 @@ def run(config, workdir: str, *, progress: bool = True,
   optimizer, _ = clf.make_optimizer(config.train, steps_per_epoch)
   key = jax.random.key(int(config.seed))
   k_init, k_train, k_eval = jax.random.split(key, 3)
-  params, model_state = clf.init_model(model, k_init, train.image_shape)
-  state = TrainState.create(params, optimizer, k_train, model_state)
-  step = clf.jit_train_step(with_augmentation(build_method(config, model),
-                                              config, train.num_classes),
-                            optimizer)
+  built = (build or build_classifier)(config, model, train, k_init)
+  state = TrainState.create(built.params, optimizer, k_train,
+                            built.model_state)
+  step = clf.jit_train_step(with_augmentation(built.loss_fn, config,
+                                              train.num_classes), optimizer)
+  replicated = NamedSharding(images.data_mesh(), P())
+  ctx = jax.device_put(built.ctx, replicated) if built.ctx is not None else None
 
   eps, ev = config.eval.eps, config.eval
   pgd = lambda steps: ImageAttack(norm="linf", eps=eps,
@@ -211,9 +267,11 @@ def run(config, workdir: str, *, progress: bool = True,
   swa_start = int(config.train.swa_start_epoch)
   out = fit(
       workdir=workdir, state=state, step_fn=step,
-      train_batches=lambda epoch: images.train_batches(
+      train_batches=lambda epoch: ({**b, "epoch": np.int32(epoch)}
+                                   for b in images.train_batches(
           train.images, train.labels, bs, seed=int(config.seed),
-          start_step=epoch * steps_per_epoch),
+          start_step=epoch * steps_per_epoch)),
+      ctx=ctx, view=built.view,
       epochs=int(config.train.epochs), steps_per_epoch=steps_per_epoch,
       evaluate_fn=evaluate_val if len(val_x) else None,
       select_metric=ev.select_metric if len(val_x) else None,
@@ -225,16 +283,17 @@ def run(config, workdir: str, *, progress: bool = True,
                                                num_epochs=1)),
       model=model, log_every=int(config.train.log_every), progress=progress,
       stop_after_epochs=stop_after_epochs,
-      state_sharding=NamedSharding(images.data_mesh(), P()))
+      state_sharding=replicated)
   if out["stopped"]:
     return None
 
   final = out["state"]
-  candidates = {"last": (final.params, final.model_state)}
+  view = built.view or (lambda p, ms: (p, ms))
+  candidates = {"last": view(final.params, final.model_state)}
   if out["best"] is not None:
     candidates["best"] = (out["best"]["params"], out["best"]["model_state"])
   if out["ema"] is not None:
-    candidates["ema"] = (out["ema"], final.model_state)
+    candidates["ema"] = (out["ema"], view(final.params, final.model_state)[1])
   if out["swa"] is not None and int(out["swa"]["count"]) > 0:
     candidates["swa"] = (out["swa"]["params"], out["swa"]["model_state"])
   results = {}
@@ -243,6 +302,9 @@ def run(config, workdir: str, *, progress: bool = True,
         test.images, test.labels, ebs), jax.random.fold_in(k_eval, 1))
     row = {"clean_acc": r["clean/acc"], "pgd20_acc": r["pgd/acc"],
            "num_test": r["num_examples"]}
+    if ev.autoattack_subset:
+      row.update(autoattack_row(model, p, ms, test, ev, eps,
+                                jax.random.fold_in(k_eval, 2), progress))
     if config.method.name == "ccat":
       pe = r["per_example"]
       tau = confidence_threshold(pe["clean/conf"], pe["clean/correct"],
@@ -261,13 +323,15 @@ def run(config, workdir: str, *, progress: bool = True,
                       json.dumps(common.to_jsonable(summary), indent=2))
   lines = [f"# {config.method.name} / {config.model.name} / {config.data.name}"
            f" (linf eps {eps:g}, PGD-{ev.pgd_steps})", "",
-           "| params | clean acc | PGD-20 acc | test examples |",
-           "|---|---|---|---|"]
+           "| params | clean acc | PGD-20 acc | test examples | AutoAttack acc |",
+           "|---|---|---|---|---|"]
   for name, row in results.items():
     extra = (f" (best epoch {out['best']['epoch']})"
              if name == "best" and out["best"] else "")
+    aa = (f"{row['aa_acc']:.4f} (first {row['aa_num']})" if "aa_acc" in row
+          else "–")
     lines.append(f"| {name}{extra} | {row['clean_acc']:.4f} | "
-                 f"{row['pgd20_acc']:.4f} | {row['num_test']} |")
+                 f"{row['pgd20_acc']:.4f} | {row['num_test']} | {aa} |")
   if config.method.name == "ccat":
     for name, row in results.items():
       lines.append(f"\nCCAT {name}: tau={row['ccat_tau']:.3f} (99% TPR), "

@@ -35,18 +35,28 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def kl(target_logits: jax.Array, logits: jax.Array, *, temperature: float = 1.0,
-       reduction: str = "batchmean") -> jax.Array:
+       reduction: str = "batchmean", target_eps: float = 0.0) -> jax.Array:
   """KL(softmax(target/T) || softmax(logits/T)), reduced as named.
 
-  Gradient flows into both arguments; wrap ``target_logits`` in
-  ``jax.lax.stop_gradient`` where a method detaches it.
+  Gradient flows into both arguments (as PyTorch's ``kl_div`` differentiates
+  its target); wrap ``target_logits`` in ``jax.lax.stop_gradient`` where a
+  method detaches it. ``target_eps > 0`` uses ``p * (log(p + target_eps) -
+  log q)`` element-wise, RSLAD's hand-written KL (changes the value, not the
+  gradient with respect to ``logits``).
+
+  Reductions: ``"batchmean"`` sum over classes / B; ``"mean"`` sum / (B * C)
+  (``nn.KLDivLoss()`` default, ARD / PeerAiD / RSLAD); ``"sum"``; ``"none"``
+  per-example [B].
   """
   if reduction not in KL_REDUCTIONS:
     raise ValueError(f"unknown KL reduction {reduction!r}; expected one of "
                      f"{KL_REDUCTIONS}")
   logp = jax.nn.log_softmax(target_logits / temperature, axis=-1)
   logq = jax.nn.log_softmax(logits / temperature, axis=-1)
-  elem = jnp.exp(logp) * (logp - logq)
+  p = jnp.exp(logp)
+  if target_eps:
+    logp = jnp.log(p + target_eps)
+  elem = p * (logp - logq)
   if reduction == "mean":
     return jnp.mean(elem)
   per_example = jnp.sum(elem, axis=-1)

@@ -86,6 +86,21 @@ _NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100,
                 "tiny_imagenet": 200}
 
 
+def dataset_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """``(mean, std)`` per channel of a known data set, without loading it."""
+  if name not in _STATS:
+    raise ValueError(f"unknown data set {name!r}; expected one of "
+                     f"{sorted(_STATS)}")
+  return _STATS[name]
+
+
+def dataset_num_classes(name: str) -> int:
+  if name not in _NUM_CLASSES:
+    raise ValueError(f"unknown data set {name!r}; expected one of "
+                     f"{sorted(_NUM_CLASSES)}")
+  return _NUM_CLASSES[name]
+
+
 class DatasetNotPreparedError(FileNotFoundError):
   """The data set is not on disk where the config says; the message says how
   to prepare it (nothing is ever downloaded at run time)."""

@@ -59,11 +59,25 @@ def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
                                             max(total, warm + 1), 0.0)
 
 
+OPTIMIZERS = ("sgd", "adam")
+
+
 def make_optimizer(config, steps_per_epoch: int):
-  """SGD with momentum and (PyTorch-style, coupled) weight decay."""
+  """``config.optimizer`` (default ``"sgd"``): SGD with momentum and
+  (PyTorch-style, coupled) weight decay; or ``"adam"``: Adam with decoupled
+  weight decay scaled by the schedule (big_vision / FunMatch style). Either
+  with optional global-norm gradient clipping ``config.grad_clip`` (> 0)."""
   sched = make_schedule(config, steps_per_epoch)
+  name = config.get("optimizer", "sgd")
+  if name not in OPTIMIZERS:
+    raise cc.ConfigError(f"config field 'train.optimizer' must be one of "
+                         f"{OPTIMIZERS}, got {name!r}")
+  clip = float(config.get("grad_clip", 0.0) or 0.0)
+  pre = [optax.clip_by_global_norm(clip)] if clip > 0 else []
+  if name == "adam":
+    return optax.chain(*pre, optax.adamw(sched, weight_decay=config.weight_decay)), sched
   return optax.chain(
-      optax.add_decayed_weights(config.weight_decay),
+      *pre, optax.add_decayed_weights(config.weight_decay),
       optax.sgd(sched, momentum=config.momentum or None,
                 nesterov=bool(config.get("nesterov", False)))), sched
 

@@ -32,7 +32,8 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
         ema_decay: float | None = None, swa_start_epoch: int | None = None,
         bn_batches: Callable[[], Iterable] | None = None, model=None,
         log_every: int = 50, progress: bool = True,
-        stop_after_epochs: int | None = None, state_sharding=None) -> dict:
+        stop_after_epochs: int | None = None, state_sharding=None,
+        view: Callable[[Any, Any], tuple] | None = None) -> dict:
   """Trains ``state`` for ``epochs`` epochs; returns a summary dict.
 
   Args:
@@ -56,6 +57,10 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
     state_sharding: where the state lives (e.g. replicated over the data
       mesh); fresh and restored states are placed there so the jitted step
       sees one input layout and compiles once.
+    view: ``(params, model_state) -> (params, model_state)`` of the model that
+      is evaluated, averaged (EMA / SWA) and saved as ``best`` when the
+      trained state holds more than that model (PeerAiD trains a student and
+      a peer: the view is the student). Default: the whole state.
   Returns:
     ``{"state", "last": val metrics, "best": {"epoch", "metrics", "params",
     "model_state"}, "ema": ..., "swa": ..., "history": [...]}``.
@@ -64,11 +69,13 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
   store = CheckpointStore(os.path.join(workdir, "checkpoints"))
   best_store = CheckpointStore(os.path.join(workdir, "best"), max_to_keep=1)
   copy = lambda t: jax.tree.map(jnp.copy, t)   # the step donates the state
+  view = view or (lambda params, model_state: (params, model_state))
+  v_params, v_state = view(state.params, state.model_state)
   carry = {
       "state": state,
-      "ema": copy(state.params) if ema_decay else {},
-      "swa": {"params": copy(state.params),
-              "model_state": copy(state.model_state),
+      "ema": copy(v_params) if ema_decay else {},
+      "swa": {"params": copy(v_params),
+              "model_state": copy(v_state),
               "count": jnp.zeros((), jnp.int32)} if swa_start_epoch is not None
              else {},
       "best_metric": jnp.asarray(-jnp.inf, jnp.float32),
@@ -93,23 +100,25 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
       state, ema = _train_epoch(state, step_fn, train_batches(epoch), ctx,
                                 epoch, epochs, steps_per_epoch, writer,
                                 log_every, progress, workdir,
-                                carry["ema"] if ema_decay else None, ema_decay)
+                                carry["ema"] if ema_decay else None, ema_decay,
+                                view)
       carry["state"] = state
       if ema_decay:
         carry["ema"] = ema
       record = {"epoch": epoch + 1}
+      v_params, v_state = view(state.params, state.model_state)
       if swa_start_epoch is not None and epoch + 1 > swa_start_epoch:
         swa = carry["swa"]
-        params = swa_update(swa["params"], state.params, swa["count"])
-        ms = bn_reestimate(model, params, state.model_state, bn_batches())
+        params = swa_update(swa["params"], v_params, swa["count"])
+        ms = bn_reestimate(model, params, v_state, bn_batches())
         carry["swa"] = {"params": params, "model_state": ms,
                         "count": swa["count"] + 1}
       if evaluate_fn is not None:
-        last_val = evaluate_fn(state.params, state.model_state)
+        last_val = evaluate_fn(v_params, v_state)
         record.update({f"val/{k}": v for k, v in last_val.items()
                        if np.isscalar(v)})
         if ema_decay:
-          ev = evaluate_fn(carry["ema"], state.model_state)
+          ev = evaluate_fn(carry["ema"], v_state)
           record.update({f"val_ema/{k}": v for k, v in ev.items()
                          if np.isscalar(v)})
         if carry["swa"] and int(carry["swa"]["count"]) > 0:
@@ -124,8 +133,8 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
             carry["best_metric"] = jnp.asarray(last_val[select_metric],
                                                jnp.float32)
             carry["best_epoch"] = jnp.asarray(epoch + 1, jnp.int32)
-            best_store.save(epoch + 1, {"params": state.params,
-                                        "model_state": state.model_state})
+            best_store.save(epoch + 1, {"params": v_params,
+                                        "model_state": v_state})
       writer.write_scalars(int(state.step), record)
       history.append(record)
       store.save(epoch + 1, carry)
@@ -139,8 +148,9 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
   best = None
   if select_metric is not None and int(carry["best_epoch"]) > 0:
     be = int(carry["best_epoch"])
-    tree = best_store.restore(be, {"params": state.params,
-                                   "model_state": state.model_state})
+    v_params, v_state = view(state.params, state.model_state)
+    tree = best_store.restore(be, {"params": v_params,
+                                   "model_state": v_state})
     best = {"epoch": be, "metric": float(carry["best_metric"]), **tree}
   best_store.close()
   return {"stopped": False, "state": state, "last": last_val, "best": best,
@@ -149,7 +159,8 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
 
 
 def _train_epoch(state, step_fn, batches, ctx, epoch, epochs, steps_per_epoch,
-                 writer, log_every, progress, workdir, ema=None, ema_decay=None):
+                 writer, log_every, progress, workdir, ema=None, ema_decay=None,
+                 view=None):
   from tqdm import tqdm
   bar = tqdm(total=steps_per_epoch, disable=not progress, unit="step",
              desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True, leave=False)
@@ -164,7 +175,8 @@ def _train_epoch(state, step_fn, batches, ctx, epoch, epochs, steps_per_epoch,
                        f"steps_per_epoch={steps_per_epoch}") from None
     state, metrics = step_fn(state, batch, ctx)
     if ema is not None:
-      ema = ema_update(ema, state.params, ema_decay)
+      ema = ema_update(ema, view(state.params, state.model_state)[0],
+                       ema_decay)
     pending.append(metrics)
     seen += _batch_size(batch)
     if len(pending) >= log_every or i == steps_per_epoch - 1:
