@@ -114,7 +114,7 @@ def build_distill(config, model, data, key):
   teacher, t_params, t_state = load_teacher(
       config.teacher, num_classes=data.num_classes,
       mean=data.mean if normalize else (0.0,),
-      std=data.std if normalize else (1.0,))
+      std=data.std if normalize else (1.0,), input_shape=data.image_shape)
   models.check_input_shape(teacher, data.image_shape)
   params, ms = init(key)
   if name == "kd":

@@ -90,12 +90,12 @@ def load_run(run_dir: str, which: str = "best"):
   return model, params, ms, cfg
 
 
-def load_teacher(tcfg, *, num_classes: int, mean, std):
+def load_teacher(tcfg, *, num_classes: int, mean, std, input_shape=None):
   """``(model, params, model_state)`` of a frozen teacher from a ``teacher``
   config block: ``checkpoint`` (a tsjax work dir, with ``which``) or
   ``torch_checkpoint`` (a PyTorch state_dict file, ``.pt``/``.pth``/``.npz``;
   ``model.name`` / ``model.kwargs`` name the architecture, ``sha256`` the
-  expected file checksum)."""
+  expected file checksum; ``input_shape`` (H, W, C) the data's)."""
   import jax.numpy as jnp
   from tsjax import models
 
@@ -123,7 +123,8 @@ def load_teacher(tcfg, *, num_classes: int, mean, std):
                              **tcfg.model.kwargs.to_dict())
     sd = torch_convert.load_torch_state_dict(torch_ckpt,
                                              sha256=tcfg.get("sha256") or None)
-    params, ms = torch_convert.convert_state_dict(sd, model)
+    params, ms = torch_convert.convert_state_dict(sd, model,
+                                                  input_shape=input_shape)
     t_classes = num_classes
   if t_classes != num_classes:
     raise ValueError(f"the teacher has {t_classes} classes but the data set "
