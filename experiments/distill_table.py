@@ -1,0 +1,187 @@
+r"""The distillation comparison: one robust teacher, small students, the same
+budget for every method, several seeds, one table.
+
+  python -m experiments.distill_table --workdir runs/distill_table \
+      --out experiments/results/fashion_mnist_distill.md
+
+1. The teacher: ``configs/adv_train.py:DATASET,pgd_at`` with the
+   ``--teacher_override`` items, trained by ``experiments.train`` in
+   ``WORKDIR/teacher`` (or ``--teacher=DIR``, an existing work dir).
+2. Every distillation method (``configs/distill.py:METHOD,DATASET``) and the
+   from-scratch baselines (PGD-AT, TRADES with the student architecture) for
+   every seed, with the same ``--override`` items (epochs, data subset, attack
+   steps, evaluation), each in ``WORKDIR/METHOD_sSEED`` (a killed table
+   resumes run by run).
+3. Test-set clean, PGD-20 and AutoAttack accuracy of the validation-selected
+   ("best") student, mean and spread over seeds, in a Markdown table (also
+   the last-epoch PGD-20 and, for PeerAiD, the SWA student).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+
+DISTILL = ("kd", "ard", "rslad", "iad", "funmatch", "peeraid", "advfunmatch")
+SCRATCH = ("pgd_at", "trades")
+
+
+def define_flags():
+  flags.DEFINE_string("dataset", "fashion_mnist", "Data set variant.")
+  flags.DEFINE_string("methods", "kd,ard,rslad,iad,peeraid,advfunmatch,pgd_at,trades",
+                      "Distillation methods and from-scratch baselines.")
+  flags.DEFINE_string("seeds", "0,1", "Comma-separated seeds.")
+  flags.DEFINE_string("teacher", None, "Existing teacher work dir (else trained).")
+  flags.DEFINE_multi_string("teacher_override", [
+      "data.train_subset=20000", "train.epochs=3", "train.boundaries=(2,)",
+      "method.attack.steps=5", "method.attack.step_size=0.05"],
+      "FIELD=VALUE for the teacher's adv_train config.")
+  flags.DEFINE_multi_string("override", [
+      "data.train_subset=10000", "data.num_val=1000", "data.test_subset=1000",
+      "train.epochs=3",
+      "train.boundaries=(2,)", "method.attack.steps=5",
+      "method.attack.step_size=0.05", "eval.val_subset=500",
+      "eval.autoattack_subset=500", "eval.autoattack_params=('best',)"],
+      "FIELD=VALUE for every student run.")
+  flags.DEFINE_string("workdir", "runs/distill_table", "Output directory.")
+  flags.DEFINE_string("out", None, "Also write the Markdown table here.")
+
+
+def student_config(method: str, dataset: str, seed: int, teacher_dir: str,
+                   overrides):
+  from configs import adv_train as adv_cfg
+  from configs import distill as distill_cfg
+  from experiments.adv_train_table import apply_override
+  if method in DISTILL:
+    c = distill_cfg.get_config(f"{method},{dataset}")
+    if method not in distill_cfg.TEACHER_FREE:
+      c.teacher.checkpoint = teacher_dir
+  elif method in SCRATCH:
+    c = adv_cfg.get_config(f"{dataset},{method}")
+    ref = distill_cfg.get_config(f"kd,{dataset}")   # the same student network
+    c.model.name = ref.model.name
+    c.model.kwargs = ref.model.kwargs
+    c.model.normalize = ref.model.normalize
+  else:
+    raise ValueError(f"unknown method {method!r}; expected one of "
+                     f"{DISTILL + SCRATCH}")
+  c.seed = seed
+  for item in overrides:
+    apply_override(c, item)
+  if method == "peeraid":      # SWA from the first decay, whatever the schedule
+    c.train.swa_start_epoch = int(c.train.boundaries[0])
+  return c
+
+
+def _mean_spread(values):
+  v = np.asarray([x for x in values if x is not None], float)
+  if not len(v):
+    return "–"
+  if len(v) == 1:
+    return f"{100 * v[0]:.1f}"
+  return f"{100 * v.mean():.1f} ± {100 * v.std(ddof=1):.1f}"
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from configs import adv_train as adv_cfg
+  from experiments import common, distill, train
+  from experiments.adv_train_table import apply_override
+
+  t_all = time.time()
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  teacher_dir = FLAGS.teacher or os.path.join(FLAGS.workdir, "teacher")
+  if not FLAGS.teacher:
+    tc = adv_cfg.get_config(f"{FLAGS.dataset},pgd_at")
+    for item in FLAGS.teacher_override:
+      apply_override(tc, item)
+    print("== teacher (PGD-AT)")
+    train.run(tc, teacher_dir)
+  teacher = json.load(open(os.path.join(teacher_dir, "results.json")))
+  seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()]
+  methods = [m for m in FLAGS.methods.split(",") if m]
+  runs = {}
+  for method in methods:
+    for seed in seeds:
+      c = student_config(method, FLAGS.dataset, seed, teacher_dir,
+                         FLAGS.override)
+      wd = os.path.join(FLAGS.workdir, f"{method}_s{seed}")
+      done = os.path.join(wd, "results.json")
+      t0 = time.time()
+      if not os.path.exists(done):
+        print(f"== {method} seed {seed}")
+        (distill.run if method in DISTILL else train.run)(c, wd)
+      s = json.load(open(done))
+      runs[(method, seed)] = (s, time.time() - t0)
+
+  eps = teacher["eps"]
+  tb = teacher["results"].get("best") or teacher["results"]["last"]
+  lines = [
+      f"# {FLAGS.dataset}: adversarial distillation vs. training from scratch "
+      f"(linf eps {eps:g})", "",
+      f"Machine: {platform.processor() or platform.machine()}, "
+      f"{os.cpu_count()} cores; this invocation {time.time() - t_all:.0f} s "
+      f"(runs already finished are reused). Seeds: {seeds}.", "",
+      f"Teacher: {teacher['model']} trained with PGD-AT "
+      f"({', '.join(FLAGS.teacher_override) if not FLAGS.teacher else teacher_dir}); "
+      f"test clean {100 * tb['clean_acc']:.1f}%, PGD-20 {100 * tb['pgd20_acc']:.1f}% "
+      f"on {tb['num_test']} test images.", "",
+      f"Students: the same network for every method "
+      f"({runs[(methods[0], seeds[0])][0]['model']} "
+      f"{json.dumps(runs[(methods[0], seeds[0])][0]['config']['model']['kwargs'])}), "
+      f"the same budget: {', '.join(FLAGS.override)}.", "",
+      "Accuracies in % on the test set, mean ± std over seeds, of the "
+      "validation-selected student (best validation PGD accuracy; the "
+      "validation split is carved from train). AutoAttack = standard version "
+      "on the first test images as listed. 'last' = final epoch.", "",
+      "| method | clean | PGD-20 | AutoAttack | last: clean | last: PGD-20 "
+      "| SWA: PGD-20 | train time / run |",
+      "|---|---|---|---|---|---|---|---|"]
+  for method in methods:
+    rows = [runs[(method, s)][0]["results"] for s in seeds]
+    best = [r.get("best") or r["last"] for r in rows]
+    last = [r["last"] for r in rows]
+    swa = [r["swa"]["pgd20_acc"] if "swa" in r else None for r in rows]
+    secs = np.mean([runs[(method, s)][1] for s in seeds])
+    aa_n = best[0].get("aa_num")
+    lines.append(
+        f"| {method} | {_mean_spread([b['clean_acc'] for b in best])} | "
+        f"{_mean_spread([b['pgd20_acc'] for b in best])} | "
+        f"{_mean_spread([b.get('aa_acc') for b in best])}"
+        f"{f' (n={aa_n})' if aa_n else ''} | "
+        f"{_mean_spread([l['clean_acc'] for l in last])} | "
+        f"{_mean_spread([l['pgd20_acc'] for l in last])} | "
+        f"{_mean_spread(swa)} | "
+        f"{secs:.0f} s |")
+  lines += ["", "Per seed (best params: clean / PGD-20 / AutoAttack):", ""]
+  for method in methods:
+    per = []
+    for s in seeds:
+      r = runs[(method, s)][0]["results"]
+      b = r.get("best") or r["last"]
+      aa = f"{100 * b['aa_acc']:.1f}" if "aa_acc" in b else "–"
+      per.append(f"seed {s}: {100 * b['clean_acc']:.1f} / "
+                 f"{100 * b['pgd20_acc']:.1f} / {aa}")
+    lines.append(f"- {method}: " + "; ".join(per))
+  text = "\n".join(lines) + "\n"
+  print(text)
+  common.atomic_write(os.path.join(FLAGS.workdir, "table.md"), text)
+  common.atomic_write(os.path.join(FLAGS.workdir, "table.json"), json.dumps(
+      common.to_jsonable({f"{m}_s{s}": v[0] for (m, s), v in runs.items()}),
+      indent=2))
+  if FLAGS.out:
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    common.atomic_write(FLAGS.out, text)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
