@@ -92,6 +92,7 @@ def get_config(arg: str = "fashion_mnist,pgd_at") -> ml_collections.ConfigDict:
   c.eval.ccat_tpr = 0.99
   c.eval.autoattack_subset = 0    # > 0: AutoAttack on the first N test examples
   c.eval.autoattack_version = "standard"
+  c.eval.autoattack_params = ("last", "best", "ema", "swa")   # which to attack
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ml_collections.FieldReference(

@@ -302,7 +302,8 @@ def run(config, workdir: str, *, progress: bool = True,
         test.images, test.labels, ebs), jax.random.fold_in(k_eval, 1))
     row = {"clean_acc": r["clean/acc"], "pgd20_acc": r["pgd/acc"],
            "num_test": r["num_examples"]}
-    if ev.autoattack_subset:
+    aa_on = tuple(ev.get("autoattack_params", ("last", "best", "ema", "swa")))
+    if ev.autoattack_subset and name in aa_on:
       row.update(autoattack_row(model, p, ms, test, ev, eps,
                                 jax.random.fold_in(k_eval, 2), progress))
     if config.method.name == "ccat":
