@@ -5,7 +5,9 @@ Inner maximisation ("mismatched examples"), per example:
 ``x* = argmax_{||x' - x||_p <= eps} KL(softmax(T(x')/tau) || softmax(S(x')/tau))``
 with *both* networks recomputed at ``x'`` (consistent teaching: the teacher
 gets the same point as the student), the student in ``attack.bn_mode``
-(eval by default) and the teacher in eval mode; PGD from
+(eval by default) and the teacher in eval mode; the ascent direction is the
+gradient through *both* networks (AdaAD's inner loss does not detach
+``teacher_model(x_adv)``; neither network's variables get gradient); PGD from
 ``x + 0.001 N(0, I)`` (``attack.start_std``), ``attack.restarts`` random
 restarts vmapped with the per-example best (highest KL) kept.
 
@@ -27,17 +29,18 @@ import jax.numpy as jnp
 from tsjax import losses
 from tsjax.attacks import pgd
 from tsjax.methods.common import accuracy, forward, logits_fn
-from tsjax.methods.distill import teacher_logits
+from tsjax.methods.distill import teacher_logits, teacher_logits_fn
 
 
 def mismatch_kl(teacher, student, params, model_state, ctx, *,
                 temperature: float = 1.0, bn_mode: str = "eval"):
-  """``x' -> [B]`` per-example KL(T(x') || S(x')), the inner objective."""
+  """``x' -> [B]`` per-example KL(T(x') || S(x')), the inner objective,
+  differentiable in ``x'`` through the teacher and the student."""
   f = logits_fn(student, params, model_state, bn_mode)
+  g = teacher_logits_fn(teacher, ctx)
 
   def objective(xa):
-    return losses.kl(teacher_logits(teacher, ctx, xa), f(xa),
-                     temperature=temperature, reduction="none")
+    return losses.kl(g(xa), f(xa), temperature=temperature, reduction="none")
   return objective
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from tsjax.methods.common import forward
+from tsjax.methods.common import logits_fn
 
 TEACHER = "teacher"
 
@@ -29,13 +29,23 @@ def teacher_ctx(params, model_state=None) -> dict:
   return {TEACHER: {"params": params, "model_state": model_state or {}}}
 
 
-def teacher_logits(teacher, ctx: Any, x) -> jax.Array:
-  """Logits of the frozen ``teacher`` (a Flax module) at ``x``, eval mode,
-  no gradient to anything."""
+def _teacher_vars(ctx: Any) -> dict:
   if not isinstance(ctx, dict) or TEACHER not in ctx:
     raise ValueError("a distillation loss needs ctx=teacher_ctx(params, "
                      "model_state) with the frozen teacher's variables")
-  t = ctx[TEACHER]
-  logits, _ = forward(teacher, jax.lax.stop_gradient(t["params"]),
-                      t["model_state"], x, train=False)
-  return jax.lax.stop_gradient(logits)
+  return ctx[TEACHER]
+
+
+def teacher_logits(teacher, ctx: Any, x) -> jax.Array:
+  """Logits of the frozen ``teacher`` (a Flax module) at ``x``, eval mode,
+  no gradient to anything."""
+  return jax.lax.stop_gradient(teacher_logits_fn(teacher, ctx)(x))
+
+
+def teacher_logits_fn(teacher, ctx: Any):
+  """``x -> logits`` of the frozen ``teacher`` (eval mode) for an inner
+  maximisation that moves the teacher's input (AdvFunMatch / AdaAD): the
+  gradient flows to ``x`` through the teacher, never to its variables."""
+  t = _teacher_vars(ctx)
+  return logits_fn(teacher, t["params"],
+                   jax.lax.stop_gradient(t["model_state"]), "eval")
