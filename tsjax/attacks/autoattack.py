@@ -170,6 +170,18 @@ class _Progress:
     os.replace(tmp, self.path)
 
 
+def _bucket(n: int, batch_size: int) -> int:
+  """The batch size an attack runs with when ``n`` points are left: the
+  smallest power of two >= n (at least 8), capped at ``batch_size``. Later
+  attacks see few robust points; padding them to the full batch would cost
+  as much as attacking every point, while power-of-two buckets bound the
+  number of compilations."""
+  b = 8
+  while b < n:
+    b *= 2
+  return min(b, batch_size)
+
+
 def autoattack(logits_fn: Callable, x, y, key, *, norm: str = "linf",
                eps: float, version: str = "standard",
                attacks: Sequence[str] | None = None, batch_size: int = 500,
@@ -238,10 +250,11 @@ def autoattack(logits_fn: Callable, x, y, key, *, norm: str = "linf",
     # with the progress, so a resumed attack sees the same batches).
     resuming = saved is not None and ai == done_attack and done_batch > 0
     todo = saved["todo"] if resuming else np.flatnonzero(robust)
-    n_batches = -(-len(todo) // batch_size)
+    bs = _bucket(len(todo), batch_size)
+    n_batches = -(-len(todo) // bs)
     for b in range(done_batch if resuming else 0, n_batches):
-      idx = todo[b * batch_size:(b + 1) * batch_size]
-      pad = batch_size - len(idx)
+      idx = todo[b * bs:(b + 1) * bs]
+      pad = bs - len(idx)
       sel = np.concatenate([idx, np.repeat(idx[-1:], pad)]) if pad else idx
       xa, _ = attack(jnp.asarray(x[sel]), jnp.asarray(y[sel]),
                      jax.random.fold_in(jax.random.fold_in(key, ai), b))
