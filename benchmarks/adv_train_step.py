@@ -72,14 +72,15 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _p in (str(ROOT), str(HERE)):
+  if _p not in sys.path:
+    sys.path.insert(0, _p)
 
 # On a GPU both frameworks share the device: keep JAX from preallocating 75%
 # of its memory (an explicit setting in the environment wins).
@@ -92,6 +93,8 @@ import torch  # noqa: E402
 import torch.nn as tnn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from _common import loadavg, machine_info  # noqa: E402  (machine_info:
+#   also used by adv_train_step_profile.py / distill_step.py as bench.machine_info)
 from configs.adv_train import get_config  # noqa: E402
 from experiments.train import build_method, validate, with_augmentation  # noqa: E402
 from tsjax import models  # noqa: E402
@@ -170,56 +173,6 @@ def steps_per_repeat(args, model_name: str, on_cpu: bool) -> int:
   if not on_cpu:
     return 10
   return 3 if model_name == "small_cnn" else 1
-
-
-# ------------------------------------------------------------ machine info
-def _cpu_model() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return ""
-
-
-def machine_info(torch_device) -> dict:
-  dev = jax.devices()[0]
-  try:
-    import jaxlib
-    jaxlib_version = jaxlib.__version__
-  except Exception:  # pragma: no cover
-    jaxlib_version = None
-  try:
-    import flax
-    flax_version = flax.__version__
-  except Exception:  # pragma: no cover
-    flax_version = None
-  try:
-    affinity = len(os.sched_getaffinity(0))
-  except AttributeError:
-    affinity = None
-  info = {
-      "cpu_model": _cpu_model(),
-      "machine": platform.machine(),
-      "platform": platform.platform(),
-      "cpu_count": os.cpu_count(),
-      "cpus_usable": affinity,
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "jaxlib": jaxlib_version,
-      "flax": flax_version,
-      "torch": torch.__version__,
-      "backend": jax.default_backend(),
-      "jax_device_kind": dev.device_kind,
-      "torch_device": str(torch_device),
-      "torch_threads": torch.get_num_threads(),
-      "torch_interop_threads": torch.get_num_interop_threads(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-  }
-  if torch_device.type == "cuda":
-    info["torch_device_name"] = torch.cuda.get_device_name(torch_device)
-  return info
 
 
 # ------------------------------------------------------------ torch models
@@ -809,7 +762,7 @@ def main(argv=None) -> None:
   if torch_device.type == "cuda":
     torch.backends.cudnn.benchmark = True
   machine = machine_info(torch_device)
-  machine["loadavg_before"] = list(os.getloadavg())
+  machine["loadavg_before"] = loadavg()
   dtype = "bfloat16" if args.bf16 else "float32"
   print(f"jax {jax.__version__} ({jax.default_backend()}, "
         f"{jax.devices()[0].device_kind}), torch {torch.__version__} "
@@ -820,7 +773,7 @@ def main(argv=None) -> None:
         flush=True)
   t0 = time.perf_counter()
   rows = [bench_model(name, args, torch_device) for name in args.models]
-  machine["loadavg_after"] = list(os.getloadavg())
+  machine["loadavg_after"] = loadavg()
   result = {
       "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),

@@ -36,15 +36,15 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _p in (str(ROOT), str(HERE)):
+  if _p not in sys.path:
+    sys.path.insert(0, _p)
 
 import jax  # noqa: E402
 
@@ -55,6 +55,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from _common import loadavg, machine_info  # noqa: E402
 from configs.teacher_student import get_config  # noqa: E402
 from tsjax.train.sweep import seed_keys, seed_sweep  # noqa: E402
 from tsjax.train.teacher_student import TeacherStudent  # noqa: E402
@@ -102,58 +103,6 @@ def parse_args(argv=None):
   if a.steps < 1 or a.repeats < 1:
     p.error("--steps and --repeats must be >= 1")
   return a
-
-
-def _cpu_model() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return ""
-
-
-def _git(*args) -> str:
-  try:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=10).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return ""
-
-
-def machine_info() -> dict:
-  dev = jax.devices()[0]
-  try:
-    affinity = len(os.sched_getaffinity(0))
-  except AttributeError:
-    affinity = None
-  return {
-      "processor": platform.processor(),
-      "cpu_model": _cpu_model(),
-      "machine": platform.machine(),
-      "platform": platform.platform(),
-      "cpu_count": os.cpu_count(),
-      "cpus_usable": affinity,
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "jaxlib": _jaxlib_version(),
-      "backend": jax.default_backend(),
-      "device_kind": dev.device_kind,
-      "device_count": jax.device_count(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "git_commit": _git("rev-parse", "HEAD"),
-      "git_dirty_paths": _git("status", "--porcelain", "--", "tsjax",
-                              "configs").splitlines(),
-  }
-
-
-def _jaxlib_version():
-  try:
-    import jaxlib
-    return jaxlib.__version__
-  except Exception:  # pragma: no cover
-    return None
 
 
 def _head(tree, n):
@@ -396,13 +345,11 @@ def save(result: dict, machine: dict, args) -> pathlib.Path:
 def main(argv=None) -> None:
   args = parse_args(argv)
   machine = machine_info()
-  machine["loadavg_before"] = list(os.getloadavg()) if hasattr(
-      os, "getloadavg") else None
+  machine["loadavg_before"] = loadavg()
   t0 = time.perf_counter()
   result = run(args)
   result["total_s"] = time.perf_counter() - t0
-  machine["loadavg_after"] = list(os.getloadavg()) if hasattr(
-      os, "getloadavg") else None
+  machine["loadavg_after"] = loadavg()
   print_table(result)
   path = save(result, machine, args)
   print(f"\nsaved {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}"
