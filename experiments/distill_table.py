@@ -52,6 +52,9 @@ def define_flags():
       "FIELD=VALUE for every student run.")
   flags.DEFINE_string("workdir", "runs/distill_table", "Output directory.")
   flags.DEFINE_string("out", None, "Also write the Markdown table here.")
+  flags.DEFINE_bool("table_only", False,
+                    "Train nothing: tabulate the runs that have finished "
+                    "(the others are listed as not run yet).")
 
 
 def student_config(method: str, dataset: str, seed: int, teacher_dir: str,
@@ -99,7 +102,7 @@ def main(argv):
   t_all = time.time()
   os.makedirs(FLAGS.workdir, exist_ok=True)
   teacher_dir = FLAGS.teacher or os.path.join(FLAGS.workdir, "teacher")
-  if not FLAGS.teacher:
+  if not FLAGS.teacher and not FLAGS.table_only:
     tc = adv_cfg.get_config(f"{FLAGS.dataset},pgd_at")
     for item in FLAGS.teacher_override:
       apply_override(tc, item)
@@ -115,12 +118,16 @@ def main(argv):
                          FLAGS.override)
       wd = os.path.join(FLAGS.workdir, f"{method}_s{seed}")
       done = os.path.join(wd, "results.json")
-      t0 = time.time()
+      if not os.path.exists(done) and FLAGS.table_only:
+        continue
       if not os.path.exists(done):
         print(f"== {method} seed {seed}")
         (distill.run if method in DISTILL else train.run)(c, wd)
       s = json.load(open(done))
-      runs[(method, seed)] = (s, time.time() - t0)
+      # Wall time of the run (training + evaluation) from its files, so
+      # that runs finished by an earlier invocation keep their time.
+      runs[(method, seed)] = (s, os.path.getmtime(done) - os.path.getmtime(
+          os.path.join(wd, "config.json")))
 
   eps = teacher["eps"]
   tb = teacher["results"].get("best") or teacher["results"]["last"]
@@ -143,8 +150,11 @@ def main(argv):
       "validation split is carved from train). AutoAttack = standard version "
       "on the first test images as listed. 'last' = final epoch.", "",
       "| method | clean | PGD-20 | AutoAttack | last: clean | last: PGD-20 "
-      "| SWA: PGD-20 | train time / run |",
+      "| SWA: PGD-20 | wall time / run (train + eval) |",
       "|---|---|---|---|---|---|---|---|"]
+  missing = [f"{m} seed {s}" for m in methods for s in seeds
+             if (m, s) not in runs]
+  methods = [m for m in methods if all((m, s) in runs for s in seeds)]
   for method in methods:
     rows = [runs[(method, s)][0]["results"] for s in seeds]
     best = [r.get("best") or r["last"] for r in rows]
@@ -171,6 +181,9 @@ def main(argv):
       per.append(f"seed {s}: {100 * b['clean_acc']:.1f} / "
                  f"{100 * b['pgd20_acc']:.1f} / {aa}")
     lines.append(f"- {method}: " + "; ".join(per))
+  if missing:
+    lines += ["", f"Not run yet (resume with the same command): "
+              f"{', '.join(missing)}."]
   text = "\n".join(lines) + "\n"
   print(text)
   common.atomic_write(os.path.join(FLAGS.workdir, "table.md"), text)
