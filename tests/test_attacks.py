@@ -1,6 +1,7 @@
 """FGSM / PGD: constraints, analytic optima of linear losses, restarts, jit."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from tsjax.attacks import fgsm, pgd
+from tsjax.attacks.pgd import CPU_UNROLL_MAX_STEPS, auto_unroll
 
 B, D, K = 6, 8, 3
 
@@ -223,6 +225,39 @@ def test_pgd_compiles_under_jit_with_traced_eps():
   x_adv2, _ = attack(x, jax.random.key(6), 2 * eps)
   np.testing.assert_allclose(x_adv2 - x, 2 * (opt - np.asarray(x)), atol=1e-9)
   assert attack._cache_size() == 1
+
+
+def test_pgd_unrolls_convolutional_losses_on_cpu():
+  """``unroll=None``: on the CPU backend a loss with a convolution gets an
+  unrolled step loop (one while loop fewer in the compiled attack; XLA:CPU's
+  input-gradient convolution in a loop body is slow), an MLP loss keeps the
+  loop; unrolled and looped attacks agree."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.uniform(size=(4, 8, 8, 2)))
+  w = jnp.asarray(rng.normal(size=(3, 3, 2, 5)))
+
+  def conv_loss(xa):
+    y = jax.lax.conv_general_dilated(xa, w, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO",
+                                                        "NHWC"))
+    return jnp.sum(jnp.tanh(y) ** 2, axis=(1, 2, 3))
+
+  on_cpu = jax.default_backend() == "cpu"
+  assert auto_unroll(conv_loss, x, 10) == on_cpu
+  assert auto_unroll(jax.jit(conv_loss), x, 10) == on_cpu    # nested jaxpr
+  assert not auto_unroll(conv_loss, x, 1)
+  assert not auto_unroll(conv_loss, x, CPU_UNROLL_MAX_STEPS + 1)
+  assert not auto_unroll(_nonlinear_loss(), _inputs(), 10)
+  kw = dict(eps=0.1, step_size=0.02, steps=10, bounds=(0.0, 1.0),
+            return_loss=True)
+  attack = lambda unroll: jax.jit(lambda x: pgd(
+      conv_loss, x, jax.random.key(0), unroll=unroll, **kw))
+  n_while = {u: len(re.findall(r" while\(", attack(u).lower(x).compile()
+                               .as_text())) for u in (None, False)}
+  assert n_while[None] == n_while[False] - on_cpu
+  (xa, la), (xb, lb) = attack(True)(x), attack(False)(x)
+  np.testing.assert_allclose(xa, xb, atol=1e-12)
+  np.testing.assert_allclose(la, lb, rtol=1e-12)
 
 
 def test_invalid_arguments_raise():

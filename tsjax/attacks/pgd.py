@@ -14,7 +14,12 @@ probabilities), AdvFunMatch (KL between two networks both recomputed at
 * ``U`` and ``restrict`` (``"in"`` / ``"orth"``): perturb only inside span(U)
   or only in its orthogonal complement;
 * the step loop is a single ``lax.fori_loop``; call the attack inside ``jit``
-  (the train steps and evaluators in tsjax do).
+  (the train steps and evaluators in tsjax do). On the CPU backend a loop
+  whose loss contains a convolution is unrolled (``unroll=None``, the
+  default; see ``pgd``): XLA:CPU compiles the input gradient of a
+  convolution inside a while-loop body to a naive loop nest instead of its
+  library convolution: PGD 1.5-3x slower for the small CNN and ResNet-18
+  (``benchmarks/adv_train_step_profile.py``, ``benchmarks/distill_step.py``).
 
 ``eps`` and ``step_size`` may be scalars or per-example [B] arrays.
 """
@@ -29,6 +34,41 @@ import jax.numpy as jnp
 from tsjax.attacks import norms as N
 
 LossFn = Callable[[jax.Array], jax.Array]
+
+# Longest PGD loop unrolled automatically (CPU backend, convolutional loss).
+CPU_UNROLL_MAX_STEPS = 64
+
+
+def _has_primitive(jaxpr, name: str) -> bool:
+  """Whether ``jaxpr`` (or a sub-jaxpr: pjit, custom_vjp, scan, ...) uses
+  the primitive ``name``."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == name:
+      return True
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        sub = getattr(sub, "jaxpr", sub)          # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns") and _has_primitive(sub, name):
+          return True
+  return False
+
+
+def auto_unroll(loss_fn: LossFn, x: jax.Array, steps: int) -> bool:
+  """``pgd``'s default: unroll the step loop on the CPU backend when the loss
+  contains a convolution (and ``1 < steps <= CPU_UNROLL_MAX_STEPS``).
+
+  XLA:CPU leaves the input gradient of a convolution inside a while-loop body
+  with JAX's transposed kernel labels and emits a naive loop-nest
+  convolution for it, not the library one it uses for the same code outside
+  a loop (cf. jax-ml/jax#12868): measured 1.5-3x slower PGD for the small
+  CNN and ResNet-18 on a 2-core CPU, while unrolled 10- to 20-step loops
+  compile about as fast (50 steps: 3 s more for the small CNN). Other backends and convolution-free losses (the
+  MLPs of the teacher-student studies) keep the loop. Costs one extra trace
+  of the loss (no compilation)."""
+  if jax.default_backend() != "cpu" or not 1 < int(steps) <= CPU_UNROLL_MAX_STEPS:
+    return False
+  return _has_primitive(jax.make_jaxpr(loss_fn)(x).jaxpr,
+                        "conv_general_dilated")
 
 
 def _check(norm, restrict, U, steps, restarts):
@@ -49,7 +89,8 @@ def pgd(loss_fn: LossFn, x: jax.Array, key: jax.Array, *, eps, step_size,
         steps: int, norm: str = "linf", restarts: int = 1,
         random_start: bool = True, bounds=None, U: jax.Array | None = None,
         restrict: str | None = None, keep_best: bool = True,
-        return_loss: bool = False, start_std: float | None = None):
+        return_loss: bool = False, start_std: float | None = None,
+        unroll: bool | None = None):
   """Projected gradient ascent of ``loss_fn`` in the eps-ball around ``x``.
 
   Args:
@@ -70,11 +111,17 @@ def pgd(loss_fn: LossFn, x: jax.Array, key: jax.Array, *, eps, step_size,
     keep_best: return the best iterate (incl. the start and the last) rather
       than the last one.
     return_loss: also return the per-example loss at the returned point.
+    unroll: unroll the step loop (the same computation in different
+      compiled code, so float rounding may differ); ``None``: ``auto_unroll``
+      (on the CPU backend when the loss contains a convolution).
   Returns:
     ``x_adv`` [B, ...] (and its loss [B] if ``return_loss``).
   """
   _check(norm, restrict, U, steps, restarts)
   cons = dict(U=U, restrict=restrict, bounds=bounds)
+  if unroll is None:
+    unroll = auto_unroll(loss_fn, x, steps)
+  loop_kw = {"unroll": True} if unroll else {}
 
   def value_and_grad(delta):
     vals, vjp = jax.vjp(lambda d: loss_fn(x + d), delta)
@@ -102,7 +149,7 @@ def pgd(loss_fn: LossFn, x: jax.Array, key: jax.Array, *, eps, step_size,
 
     init_best = jnp.full((x.shape[0],), -jnp.inf, x.dtype)
     delta, best_delta, best_loss = jax.lax.fori_loop(
-        0, int(steps), body, (delta, delta, init_best))
+        0, int(steps), body, (delta, delta, init_best), **loop_kw)
     last_loss = loss_fn(x + delta)
     if keep_best:
       better = last_loss > best_loss
