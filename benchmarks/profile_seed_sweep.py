@@ -5,16 +5,21 @@ regime's training step, as a ``fori_loop`` of ``--steps`` steps, for one seed
 (``jit``) and for S seeds (``jit(vmap)``), and reports microseconds per step
 and the vmap gain ``S * t(1 seed) / t(S seeds)`` of each piece:
 
-  full          tsjax as is: ``TeacherStudent.train`` (sample batch + step)
-  pre_idx       same step, but every step's batch indices drawn before the
-                loop in one vectorised call (same keys, so bit-identical
-                batches; checked) and only gathered inside it
-  pre_idx_y     pre_idx plus teacher targets precomputed for the training set
-                (the "standard" regime's targets never change)
+  full          tsjax as is: ``TeacherStudent.train`` (batch indices drawn
+                and ``LowRankData`` coordinates z [n, 10] gathered 64 steps
+                at a time; per step the batch rebuilt as z[idx] @ U^T, then
+                the step)
+  dense         the same on the dense x_train [n, 50] (``x_train=`` override)
+  per_step      the library before index blocks and LowRankData: one threefry
+                ``sample_batch`` per step inside the loop, dense gather
+                (bit-identical to ``dense``; checked)
+  pre_idx_y     dense, indices drawn before the loop, teacher targets
+                precomputed for the training set (the "standard" regime's
+                targets never change)
   fixed_batch   the tsjax train step on a fixed batch (no sampling at all)
   plain_step    bare gradient + SGD update on a fixed batch (no optax, no
                 finite check / where-keep): the arithmetic floor of a step
-  sample_only   only the batch sampling (threefry fold_in/randint + gather)
+  sample_only   only the per-step sampling of ``per_step`` (threefry + gather)
 
 GFLOP/s columns: the step's arithmetic (teacher and student forward, student
 backward; counted from the layer sizes) per second, next to the rate of one
@@ -101,11 +106,13 @@ def build(args):
   def full(state, p):
     return study.train("standard", state, p, N)[0].params
 
-  def pre_idx(state, p):
+  def dense(state, p):
+    return study.train("standard", state, p, N, p["x_train"])[0].params
+
+  def per_step(state, p):
     x, ctx = p["x_train"], study.ctx(p)
-    idx = indices(state, x.shape[0])
-    def body(i, s):
-      return step_fn(s, {"x": x[idx[i]]}, ctx)[0]
+    def body(_, s):
+      return step_fn(s, loop.sample_batch(s.key, s.step, x, B), ctx)[0]
     return jax.lax.fori_loop(0, N, body, state).params
 
   def y_loss(params, model_state, batch, key, ctx):
@@ -141,9 +148,9 @@ def build(args):
       return acc + jnp.sum(loop.sample_batch(state.key, i, x, B)["x"])
     return jax.lax.fori_loop(0, N, body, jnp.zeros((), x.dtype))
 
-  variants = dict(full=full, pre_idx=pre_idx, pre_idx_y=pre_idx_y,
-                  fixed_batch=fixed_batch, plain_step=plain_step,
-                  sample_only=sample_only)
+  variants = dict(full=full, dense=dense, per_step=per_step,
+                  pre_idx_y=pre_idx_y, fixed_batch=fixed_batch,
+                  plain_step=plain_step, sample_only=sample_only)
   return study, variants
 
 
@@ -156,6 +163,21 @@ def best_time(fn, *a, repeats):
     jax.block_until_ready(fn(*a))
     times.append(clock() - t0)
   return min(times)
+
+
+def interleaved_best_times(timed, repeats):
+  """{key: best seconds} of ``fn(*args)`` for ``timed = {key: (fn, args)}``:
+  all compiled and warmed up first, then timed round-robin ``repeats`` times."""
+  clock = time.process_time if ARGS.clock == "cpu" else time.perf_counter
+  for fn, a in timed.values():
+    jax.block_until_ready(fn(*a))
+  times = {key: [] for key in timed}
+  for _ in range(repeats):
+    for key, (fn, a) in timed.items():
+      t0 = clock()
+      jax.block_until_ready(fn(*a))
+      times[key].append(clock() - t0)
+  return {key: min(ts) for key, ts in times.items()}
 
 
 def gemm_gflops(dtype, n=1024, repeats=5):
@@ -179,16 +201,19 @@ def main(args=ARGS):
   s0, p0 = per_seed[0]
   one_dev = [jax.devices()[0]]
 
-  # pre_idx must be the same computation as full (bit-identical batches).
-  a = jax.jit(variants["full"])(s0, p0)
-  b = jax.jit(variants["pre_idx"])(s0, p0)
+  # per_step (the old library loop) must be the same computation as dense
+  # (bit-identical batches); full and pre_idx_y differ by rounding only.
+  a = jax.jit(variants["dense"])(s0, p0)
+  b = jax.jit(variants["per_step"])(s0, p0)
   c = jax.jit(variants["pre_idx_y"])(s0, p0)
+  f = jax.jit(variants["full"])(s0, p0)
   same = all(jax.tree.leaves(jax.tree.map(lambda u, v: bool(jnp.all(u == v)),
                                           a, b)))
-  dy = max(jax.tree.leaves(jax.tree.map(
-      lambda u, v: float(jnp.max(jnp.abs(u - v))), a, c)))
-  print(f"pre_idx bit-identical to full: {same}; pre_idx_y max |dparam| vs "
-        f"full: {dy:.1e}")
+  maxdiff = lambda u, v: max(jax.tree.leaves(jax.tree.map(
+      lambda u, v: float(jnp.max(jnp.abs(u - v))), u, v)))
+  dy, dz = maxdiff(a, c), maxdiff(a, f)
+  print(f"per_step bit-identical to dense: {same}; max |dparam| vs dense: "
+        f"full {dz:.1e}, pre_idx_y {dy:.1e}")
 
   # Arithmetic per seed and step (multiply-adds x 2) of the two-layer nets:
   # teacher forward, student forward, student backward (no input gradient).
@@ -197,12 +222,15 @@ def main(args=ARGS):
   m, o = study.teacher_widths[0], int(c.teacher.outputs)
   teacher_flops = 2 * B * (d * m + m * o)
   student_flops = 2 * B * (d * h + h * o) + 2 * B * (h * o + h * o + d * h)
+  k = int(c.data.k)
   flops = {name: student_flops + (0 if name == "pre_idx_y" else teacher_flops)
-           for name in ("full", "pre_idx", "pre_idx_y", "fixed_batch",
-                        "plain_step")}
+           for name in ("full", "dense", "per_step", "pre_idx_y",
+                        "fixed_batch", "plain_step")}
+  flops["full"] += 2 * B * k * d  # rebuilding the batch from coordinates
   gemm = gemm_gflops(study.dtype)
-  print(f"arithmetic per seed-step {flops['full'] / 1e3:.1f} kFLOP; dense "
-        f"1024^3 GEMM on this machine: {gemm:.1f} GFLOP/s ({args.dtype})")
+  print(f"arithmetic per seed-step {flops['dense'] / 1e3:.1f} kFLOP (full: "
+        f"{flops['full'] / 1e3:.1f} with the batch rebuild); dense 1024^3 GEMM "
+        f"on this machine: {gemm:.1f} GFLOP/s ({args.dtype})")
 
   rows = []
   print(f"\n{args.dtype}, {N} steps, S={S}, best of {args.repeats} "
@@ -227,16 +255,20 @@ def main(args=ARGS):
           f"{row['vmap_gain']:9.2f}x {g1} {gS}{note}", flush=True)
     return row
 
+  # Every variant compiled first, then the repeats interleaved over all
+  # variants, so a load drift on a shared machine hits them alike.
+  timed = {}
   for name, fn in variants.items():
-    t1 = best_time(jax.jit(fn), s0, p0, repeats=args.repeats) / N * 1e6
-    tS = best_time(seed_sweep(fn, devices=one_dev), states, problems,
-                   repeats=args.repeats) / N * 1e6
-    report(name, t1, tS)
+    timed[(name, 1)] = (jax.jit(fn), (s0, p0))
+    timed[(name, S)] = (seed_sweep(fn, devices=one_dev), (states, problems))
+  multi = f"full_{jax.device_count()}dev"
   if jax.device_count() > 1:
-    t1 = rows[0]["us_per_step_1"]
-    tS = best_time(seed_sweep(variants["full"]), states, problems,
-                   repeats=args.repeats) / N * 1e6
-    report(f"full_{jax.device_count()}dev", t1, tS,
+    timed[(multi, S)] = (seed_sweep(variants["full"]), (states, problems))
+  best = interleaved_best_times(timed, args.repeats)
+  for name in variants:
+    report(name, best[(name, 1)] / N * 1e6, best[(name, S)] / N * 1e6)
+  if jax.device_count() > 1:
+    report(multi, best[("full", 1)] / N * 1e6, best[(multi, S)] / N * 1e6,
            f"  (seed_sweep over {jax.device_count()} devices)", flops["full"])
 
   out = pathlib.Path(args.out) if args.out else (
@@ -257,7 +289,9 @@ def main(args=ARGS):
       "cpus_usable": len(os.sched_getaffinity(0)),
       "device_count": jax.device_count(), "jax": jax.__version__,
       "loadavg": list(os.getloadavg()),
-      "pre_idx_bit_identical": same, "pre_idx_y_max_abs_param_diff": dy,
+      "per_step_bit_identical_to_dense": same,
+      "full_max_abs_param_diff_vs_dense": dz,
+      "pre_idx_y_max_abs_param_diff": dy,
       "flops_per_seed_step": flops, "gemm_1024_gflops": gemm,
       "rows": rows}, indent=2) + "\n")
   print(f"saved {out}")

@@ -6,7 +6,17 @@ Times the "standard" regime of ``tsjax.train.teacher_student.TeacherStudent``
 * sequential: the same jitted single-seed train function called S times, one
   run after another (each run is waited for before the next is dispatched);
 * vmapped: one call of ``tsjax.train.sweep.seed_sweep`` of that function on
-  one device (``jit(vmap(...))`` over the S seeds).
+  one device (``jit(vmap(...))`` over the S seeds), or, with
+  ``--host-devices N``, split over N XLA CPU devices (``shard_map``; each
+  device vmaps over its share, so N cores can work at once).
+
+Both paths train through the library as a user would: ``TeacherStudent.train``
+with the problem's own training set, which for these configs (no off-span
+noise) is ``LowRankData``: k = 10 coordinates per example instead of d = 50
+inputs, each batch rebuilt with a [16, 10] x [10, 50] product; batch indices
+are drawn, and their rows gathered, 64 steps at a time (``tsjax.train.loop``).
+``--data dense`` trains on the dense ``x_train`` array instead (the
+pre-LowRankData path; same batches, results equal up to rounding).
 
 Problems (subspace, teacher, data, initial student) and initial train states
 are built before timing; both paths are compiled by a warm-up call on the same
@@ -23,10 +33,13 @@ Run from the repository root::
   python benchmarks/seed_sweep.py --dtype float32
   python benchmarks/seed_sweep.py --quick            # seconds-long sanity run
   python benchmarks/seed_sweep.py --seeds 1,8,32 --steps 10000 --repeats 5
+  python benchmarks/seed_sweep.py --host-devices 2   # vmapped on both cores
+  python benchmarks/seed_sweep.py --data dense       # dense-gather baseline
 
 Results: a table on stdout and ``benchmarks/results/seed_sweep_<backend>.json``
-(one entry per dtype, so float64 and float32 runs sit side by side; ``--quick``
-writes ``seed_sweep_<backend>_quick.json`` instead).
+(one entry per dtype, data form and device count -- ``float64``,
+``float32_2dev``, ``float64_dense``, ... -- so runs sit side by side;
+``--quick`` writes ``seed_sweep_<backend>_quick.json`` instead).
 """
 
 from __future__ import annotations
@@ -39,6 +52,22 @@ import pathlib
 import statistics
 import sys
 import time
+
+
+def _host_devices(argv) -> int:
+  """``--host-devices N`` read before jax is imported (XLA_FLAGS)."""
+  for i, a in enumerate(argv):
+    if a.startswith("--host-devices="):
+      return int(a.split("=", 1)[1])
+    if a == "--host-devices" and i + 1 < len(argv):
+      return int(argv[i + 1])
+  return 1
+
+
+if _host_devices(sys.argv[1:]) > 1 and __name__ == "__main__":
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_"
+      f"count={_host_devices(sys.argv[1:])}").strip()
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -55,7 +84,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _common import loadavg, machine_info  # noqa: E402
+from _common import loadavg, machine_info, uptime  # noqa: E402
 from configs.teacher_student import get_config  # noqa: E402
 from tsjax.train.sweep import seed_keys, seed_sweep  # noqa: E402
 from tsjax.train.teacher_student import TeacherStudent  # noqa: E402
@@ -83,6 +112,12 @@ def parse_args(argv=None):
   p.add_argument("--repeats", type=int, default=None,
                  help="timed repeats per S and path (default 5; 2 with --quick)")
   p.add_argument("--seed", type=int, default=0, help="first seed")
+  p.add_argument("--host-devices", type=int, default=1,
+                 help="XLA CPU devices the vmapped path splits seeds over "
+                      "(default 1; the sequential runs use device 0)")
+  p.add_argument("--data", choices=("lowrank", "dense"), default="lowrank",
+                 help="training-set form: the library default (LowRankData "
+                      "coordinates) or the dense x_train array")
   p.add_argument("--quick", action="store_true",
                  help=f"sanity run: seeds {QUICK['seeds']}, {QUICK['steps']} "
                       f"steps, {QUICK['repeats']} repeats unless given")
@@ -102,6 +137,8 @@ def parse_args(argv=None):
     p.error(f"--seeds needs positive integers, got {a.seeds}")
   if a.steps < 1 or a.repeats < 1:
     p.error("--steps and --repeats must be >= 1")
+  if a.host_devices < 1:
+    p.error("--host-devices must be >= 1")
   return a
 
 
@@ -128,12 +165,20 @@ def run(args) -> dict:
   steps = args.steps
   smax = max(args.seeds)
 
+  dense = args.data == "dense"
+
   def train_one(state, problem, num_steps):
-    return study.train(REGIME, state, problem, num_steps)
+    # study.train's default data is study.train_data(problem): LowRankData.
+    return study.train(REGIME, state, problem, num_steps,
+                       problem["x_train"] if dense else None)
 
   single = jax.jit(train_one, static_argnums=2)
   device = jax.devices()[0]
-  swept = seed_sweep(train_one, devices=[device], static_argnums=(2,))
+  sweep_devices = jax.devices()[:args.host_devices]
+  if len(sweep_devices) != args.host_devices:
+    raise SystemExit(f"--host-devices {args.host_devices}: only "
+                     f"{len(sweep_devices)} devices ({jax.default_backend()})")
+  swept = seed_sweep(train_one, devices=sweep_devices, static_argnums=(2,))
 
   # ---- untimed set-up: problems and initial states for every seed.
   t0 = time.perf_counter()
@@ -282,6 +327,10 @@ def run(args) -> dict:
       "repeats": args.repeats,
       "first_seed": args.seed,
       "regime": REGIME,
+      "data": args.data,
+      "train_data": ("dense x_train [n, d]" if dense else
+                     type(study.train_data(per_seed[0][1])).__name__),
+      "host_devices": args.host_devices,
       "config": "configs/teacher_student.py defaults (dtype, train.steps "
                 "overridden)",
       "sizes": {"d": config.data.d, "k": config.data.k,
@@ -305,7 +354,8 @@ def print_table(result: dict) -> None:
          f"{'speed-up':>8} | {'seq seed-steps/s':>16} | "
          f"{'vmap seed-steps/s':>17} | {'vmap steps/s':>12} || "
          f"{'seq CPU s':>9} | {'vmap CPU s':>10} | {'CPU speed-up':>12}")
-  print(f"\nSeed sweep, {result['dtype']}, {result['steps']} steps/run, "
+  print(f"\nSeed sweep, {result['dtype']}, {result['data']} data, vmapped on "
+        f"{result['host_devices']} device(s), {result['steps']} steps/run, "
         f"best of {result['repeats']} (wall time; process CPU time after ||):")
   print(hdr)
   print("-" * len(hdr))
@@ -317,6 +367,16 @@ def print_table(result: dict) -> None:
           f"{r['vmapped_steps_per_s']:>12,.0f} || "
           f"{r['sequential_cpu_s']:>9.3f} | {r['vmapped_cpu_s']:>10.3f} | "
           f"{r['speedup_cpu']:>11.2f}x")
+
+
+def run_key(result: dict) -> str:
+  """``float64``, ``float32_2dev``, ``float64_dense``, ...: one entry each."""
+  key = result["dtype"]
+  if result["host_devices"] > 1:
+    key += f"_{result['host_devices']}dev"
+  if result["data"] != "lowrank":
+    key += f"_{result['data']}"
+  return key
 
 
 def save(result: dict, machine: dict, args) -> pathlib.Path:
@@ -336,7 +396,7 @@ def save(result: dict, machine: dict, args) -> pathlib.Path:
     data = {"benchmark": "seed_sweep", "runs": {}}
   data["backend"] = backend
   command = " ".join(["python benchmarks/seed_sweep.py", *args.argv])
-  data["runs"][result["dtype"]] = {"command": command, "machine": machine,
+  data["runs"][run_key(result)] = {"command": command, "machine": machine,
                                    **result}
   path.write_text(json.dumps(data, indent=2) + "\n")
   return path
@@ -346,10 +406,12 @@ def main(argv=None) -> None:
   args = parse_args(argv)
   machine = machine_info()
   machine["loadavg_before"] = loadavg()
+  machine["uptime_before"] = uptime()
   t0 = time.perf_counter()
   result = run(args)
   result["total_s"] = time.perf_counter() - t0
   machine["loadavg_after"] = loadavg()
+  machine["uptime_after"] = uptime()
   print_table(result)
   path = save(result, machine, args)
   print(f"\nsaved {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}"

@@ -9,7 +9,9 @@ import optax
 import pytest
 
 from configs import teacher_student as ts_configs
-from tsjax.train import TrainState, make_train_step, seed_keys, seed_sweep
+from tsjax.data import synthetic
+from tsjax.train import (TrainState, make_train_step, sample_batch, seed_keys,
+                         seed_sweep, train_steps)
 from tsjax.train.teacher_student import TeacherStudent, run_seeds
 
 STEPS = 200
@@ -115,6 +117,71 @@ def test_train_step_skips_non_finite_loss():
   new, m = step2(state, {"x": state.params["w"]}, None)
   assert np.isfinite(float(m["loss"])) and not bool(m["finite"])
   np.testing.assert_array_equal(new.params["w"], state.params["w"])
+
+
+def test_train_steps_index_blocks_give_per_step_sampling(study):
+  """Batch indices drawn a block of steps at a time are sample_batch's."""
+  problem = study.jit_problem(jax.random.key(1))
+  state0 = study.init_state(problem)
+  step, ctx = study._steps["standard"], study.ctx(problem)
+  x = problem["x_train"]
+  B, n = int(study.config.train.batch_size), 37
+
+  @jax.jit
+  def per_step(state):  # one sample_batch per step, as before index blocks
+    def body(_, s):
+      return step(s, sample_batch(s.key, s.step, x, B), ctx)[0]
+    return jax.lax.fori_loop(0, n, body, state)
+
+  ref = per_step(state0)
+  for block in (1, 8, 37, 256):  # partial last block, one block, n < block
+    out, stats = jax.jit(lambda s, b=block: train_steps(
+        step, s, x, ctx, n, B, index_block=b))(state0)
+    assert int(out.step) == n and bool(stats["all_finite"])
+    for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(ref.params)):
+      np.testing.assert_array_equal(a, b)
+  # Resuming is seamless: 20 + 17 steps equal 37.
+  mid, _ = jax.jit(lambda s: train_steps(step, s, x, ctx, 20, B))(state0)
+  end, _ = jax.jit(lambda s: train_steps(step, s, x, ctx, 17, B))(mid)
+  for a, b in zip(jax.tree.leaves(end.params), jax.tree.leaves(ref.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_training_from_low_rank_coordinates_matches_dense_inputs(study):
+  problem = study.jit_problem(jax.random.key(2))
+  data = study.train_data(problem)
+  assert isinstance(data, synthetic.LowRankData)
+  x = np.asarray(problem["x_train"])
+  assert data.num_rows == x.shape[0]
+  assert problem["z_train"].shape == (x.shape[0], study.config.data.k)
+  scale = np.max(np.abs(x))
+  np.testing.assert_allclose(data.dense(), x, rtol=0, atol=1e-14 * scale)
+  idx = jnp.array([0, 5, 5, x.shape[0] - 1])
+  np.testing.assert_allclose(data.rows(idx), x[np.asarray(idx)], rtol=0,
+                             atol=1e-14 * scale)
+  # The same run on the coordinates and on the dense inputs (rounding only).
+  lowrank = study.jit_train("standard", problem)
+  dense = jax.jit(lambda p: study.train(
+      "standard", study.init_state(p), p, STEPS, p["x_train"]))(problem)
+  for a, b in zip(jax.tree.leaves((lowrank[0].params, lowrank[1]["loss"])),
+                  jax.tree.leaves((dense[0].params, dense[1]["loss"]))):
+    np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-15)
+
+
+def test_low_rank_coordinates_hold_in_span_noise_only(make_small_config):
+  c = make_small_config()
+  c.regimes = ("standard",)
+  c.data.noise_in = 0.3
+  problem = jax.jit(TeacherStudent(c).problem)(jax.random.key(4))
+  x = np.asarray(problem["x_train"])
+  z = np.asarray(problem["z_train"])
+  np.testing.assert_allclose(z @ np.asarray(problem["U"]).T, x, rtol=0,
+                             atol=1e-13 * np.max(np.abs(x)))
+  c.data.noise_out = 0.1  # off-span noise: only the dense inputs exist
+  study = TeacherStudent(c)
+  problem = jax.jit(study.problem)(jax.random.key(4))
+  assert "z_train" not in problem
+  assert study.train_data(problem) is problem["x_train"]
 
 
 def test_seed_keys_match_single_seed_keys():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -67,6 +68,61 @@ def sample_lowrank(key: Array, U: Array, n: int, sigma: float, *,
   if noise_out:
     x = x + noise_out * project_out(jax.random.normal(ko, (n, d), U.dtype), U)
   return x
+
+
+def sample_lowrank_latent(key: Array, U: Array, n: int, sigma: float, *,
+                          noise_in: float = 0.0) -> Array:
+  """Coordinates ``z`` [n, k] in the basis U of ``sample_lowrank``'s inputs.
+
+  ``z @ U.T`` equals ``sample_lowrank(key, U, n, sigma, noise_in=noise_in)``
+  (same key, no ``noise_out``) up to floating-point rounding: in-span noise
+  ``noise_in * P_U g`` is ``U (noise_in * U^T g)``, so it stays in the
+  latent coordinates. Off-span noise has no k-dimensional form.
+  """
+  d, k = U.shape
+  kz, ki, _ = jax.random.split(key, 3)
+  z = sigma * jax.random.normal(kz, (n, k), U.dtype)
+  if noise_in:
+    z = z + noise_in * (jax.random.normal(ki, (n, d), U.dtype) @ U)
+  return z
+
+
+@flax.struct.dataclass
+class LowRankData:
+  """A data set of rank-k inputs stored as coordinates: row i is ``U z[i]``.
+
+  ``k / d`` of the memory of the dense ``[n, d]`` array, so sampling random
+  rows (the training loop's gather) moves ``k / d`` of the bytes; rows are
+  rebuilt with one ``[B, k] x [k, d]`` product per batch. A pytree (vmap it
+  over seeds like an array). ``take`` / ``expand`` split ``rows`` so a
+  training loop can gather many steps' rows at once and expand them per step.
+  """
+  z: Array  # [n, k] coordinates
+  U: Array  # [d, k] orthonormal basis
+
+  @property
+  def num_rows(self) -> int:
+    return self.z.shape[-2]
+
+  @property
+  def dtype(self):
+    return self.z.dtype
+
+  def take(self, idx: Array) -> Array:
+    """Stored rows ``idx``: coordinates ``[..., k]``."""
+    return self.z[idx]
+
+  def expand(self, rows: Array) -> Array:
+    """Inputs ``[..., d]`` of stored rows (``take``'s output)."""
+    return rows @ self.U.T
+
+  def rows(self, idx: Array) -> Array:
+    """Rows ``idx`` as inputs, ``[..., d]``."""
+    return self.expand(self.take(idx))
+
+  def dense(self) -> Array:
+    """The whole data set as an ``[n, d]`` array."""
+    return self.z @ self.U.T
 
 
 def fullrank_std(sigma: float, d: int, k: int) -> float:

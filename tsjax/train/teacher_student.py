@@ -227,9 +227,16 @@ class TeacherStudent:
                                        c.data.sigma, dt)
     student0 = self.nets.student.init(ks, jnp.zeros((1, c.data.d), dt))["params"]
     y_mean = jnp.mean(self.nets.teacher.apply(teacher, x_train), axis=0)
-    return {"U": U, "teacher": teacher, "y_mean": y_mean, "x_train": x_train,
-            "x_eval": x_eval, "x_full": x_full, "student0": student0,
-            "batch_key": kb, "aux_key": kr}
+    out = {"U": U, "teacher": teacher, "y_mean": y_mean, "x_train": x_train,
+           "x_eval": x_eval, "x_full": x_full, "student0": student0,
+           "batch_key": kb, "aux_key": kr}
+    if not c.data.noise_out:
+      # The training inputs in the basis U (x_train = z_train U^T up to
+      # rounding): training gathers its batches from these k columns instead
+      # of x_train's d (see ``train_data``).
+      out["z_train"] = synthetic.sample_lowrank_latent(
+          kx, U, c.data.n_train, c.data.sigma, noise_in=c.data.noise_in)
+    return out
 
   @staticmethod
   def ctx(problem) -> dict:
@@ -240,10 +247,25 @@ class TeacherStudent:
     return TrainState.create(problem["student0"], self.optimizer,
                              problem["batch_key"])
 
+  @staticmethod
+  def train_data(problem, x_train=None):
+    """The training set as ``train`` samples it: ``x_train`` if given, else
+    the problem's inputs, as ``LowRankData(z_train, U)`` when they are
+    exactly low-rank (no ``data.noise_out``). Batches rebuilt from the
+    coordinates equal rows of ``problem["x_train"]`` up to rounding (~1 ulp);
+    the gather then reads k instead of d numbers per example. Works on
+    seed-batched problems too."""
+    if x_train is not None:
+      return x_train
+    if "z_train" in problem:
+      return synthetic.LowRankData(z=problem["z_train"], U=problem["U"])
+    return problem["x_train"]
+
   def train(self, regime, state, problem, num_steps, x_train=None):
-    """``num_steps`` steps of a regime; ``x_train`` overrides the data set."""
-    x = problem["x_train"] if x_train is None else x_train
-    return train_steps(self._steps[regime], state, x, self.ctx(problem),
+    """``num_steps`` steps of a regime; ``x_train`` (an array or a
+    ``train_data`` result) overrides the data set."""
+    return train_steps(self._steps[regime], state,
+                       self.train_data(problem, x_train), self.ctx(problem),
                        int(num_steps), int(self.config.train.batch_size))
 
   def robust_dataset(self, source_state, problem):
