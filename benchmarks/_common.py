@@ -8,11 +8,14 @@ counts when a ``torch_device`` is given (PyTorch is imported only then).
 ``loadavg()`` is the 1/5/15-minute load average (None where the OS has none)
 and ``uptime()`` the ``uptime`` line;
 scripts record it before and after a run, because timings on a shared machine
-are only as good as its idle time.
+are only as good as its idle time. ``open_results`` / ``write_results`` read
+and (atomically) write a script's ``benchmarks/results/*.json``, where each
+run adds or replaces its own entries.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import platform
@@ -100,3 +103,39 @@ def machine_info(torch_device=None) -> dict:
     if torch_device.type == "cuda":
       info["torch_device_name"] = torch.cuda.get_device_name(torch_device)
   return info
+
+
+def open_results(benchmark: str, machine: dict, args) -> tuple:
+  """``(path, data, command)`` for a benchmark's JSON results file.
+
+  The file is ``args.out`` or ``benchmarks/results/<benchmark>_<backend>
+  [_quick].json``; ``data`` is its content when it holds this benchmark's
+  runs (``{"benchmark", "backend", "runs": {key: ...}}``), else a fresh one,
+  so a run adds or replaces its own entries and keeps the others. ``command``
+  is the command line that produced the run (``args.argv``).
+  """
+  backend = machine["backend"]
+  path = pathlib.Path(args.out) if args.out else (
+      ROOT / "benchmarks" / "results" /
+      f"{benchmark}_{backend}{'_quick' if args.quick else ''}.json")
+  data = {}
+  if path.exists():
+    try:
+      data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+      data = {}
+  if data.get("benchmark") != benchmark or not isinstance(
+      data.get("runs"), dict):
+    data = {"benchmark": benchmark, "runs": {}}
+  data["backend"] = backend
+  command = " ".join([f"python benchmarks/{benchmark}.py", *args.argv])
+  return path, data, command
+
+
+def write_results(path: pathlib.Path, data: dict) -> pathlib.Path:
+  """Writes ``data`` as JSON atomically (temporary file, then rename)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(data, indent=2) + "\n")
+  os.replace(tmp, path)
+  return path

@@ -14,8 +14,8 @@ CIFAR-10 mean / std normalisation inside the model.
   config, 10), optimizer)`` with ``config.augment = ""`` (no augmentation) and
   ``clf.make_optimizer(config.train, ...)``; the state is donated each step.
 * PyTorch: an eager implementation written here with the same architectures
-  (``TorchSmallCNN``, ``TorchPreActResNet18``, layer for layer the Flax
-  ``SmallCNN`` / ``PreActResNet18``), the same attack loop (gradient of the
+  (tests/torch_nets.py: ``TorchSmallCNN``, ``TorchResNet18(preact=True)``,
+  layer for layer the Flax ``SmallCNN`` / ``PreActResNet18``), the same attack loop (gradient of the
   summed per-example CE w.r.t. the perturbation only; parameters get no
   gradient while attacking) and ``torch.optim.SGD(lr=0.1, momentum=0.9,
   weight_decay=5e-4)``. ``torch.set_num_threads(os.cpu_count())`` (or
@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import statistics
@@ -90,11 +89,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn as tnn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _common import loadavg, machine_info  # noqa: E402  (machine_info:
-#   also used by adv_train_step_profile.py / distill_step.py as bench.machine_info)
+from _common import (loadavg, machine_info, open_results,  # noqa: E402
+                     write_results)
+from tests.torch_nets import TorchResNet18, TorchSmallCNN  # noqa: E402
 from configs.adv_train import get_config  # noqa: E402
 from experiments.train import build_method, validate, with_augmentation  # noqa: E402
 from tsjax import models  # noqa: E402
@@ -176,97 +175,11 @@ def steps_per_repeat(args, model_name: str, on_cpu: bool) -> int:
 
 
 # ------------------------------------------------------------ torch models
-class _Normalize(tnn.Module):
-  def __init__(self, mean, std):
-    super().__init__()
-    self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1),
-                         persistent=False)
-    self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1),
-                         persistent=False)
-
-  def forward(self, x):
-    return (x - self.mean) / self.std
-
-
-class TorchSmallCNN(tnn.Module):
-  """tsjax ``SmallCNN`` (features (32, 64), hidden 128) in PyTorch, NCHW:
-  conv3x3(32, bias, pad 1)-ReLU-maxpool2 - conv3x3(64)-ReLU-maxpool2 -
-  flatten - fc1(128)-ReLU - fc. The flatten is PyTorch's (c, h, w) order;
-  ``load_tsjax_weights`` permutes fc1's rows from Flax's (h, w, c) order."""
-
-  def __init__(self, num_classes, mean, std, in_channels=3, hw=32,
-               features=(32, 64), hidden=128):
-    super().__init__()
-    self.norm = _Normalize(mean, std)
-    self.conv1 = tnn.Conv2d(in_channels, features[0], 3, padding=1)
-    self.conv2 = tnn.Conv2d(features[0], features[1], 3, padding=1)
-    side = hw // 4
-    self.fc1 = tnn.Linear(features[1] * side * side, hidden)
-    self.fc = tnn.Linear(hidden, num_classes)
-
-  def forward(self, x):
-    x = self.norm(x)
-    x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-    x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-    x = F.relu(self.fc1(torch.flatten(x, 1)))
-    return self.fc(x)
-
-
-class TorchPreActBlock(tnn.Module):
-  """``a = relu(bn1(x)); conv2(relu(bn2(conv1(a)))) + shortcut`` with the
-  1x1 strided shortcut conv applied to ``a`` when the shape changes."""
-
-  def __init__(self, in_planes, planes, stride=1):
-    super().__init__()
-    self.bn1 = tnn.BatchNorm2d(in_planes)
-    self.conv1 = tnn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(planes)
-    self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.shortcut = None
-    if stride != 1 or in_planes != planes:
-      self.shortcut = tnn.Sequential(
-          tnn.Conv2d(in_planes, planes, 1, stride, bias=False))
-
-  def forward(self, x):
-    a = F.relu(self.bn1(x))
-    shortcut = self.shortcut(a) if self.shortcut is not None else x
-    out = self.conv1(a)
-    out = self.conv2(F.relu(self.bn2(out)))
-    return out + shortcut
-
-
-class TorchPreActResNet18(tnn.Module):
-  """Rice et al. 2020 PreActResNet18 (kuangliu + final ``bn``): the tsjax
-  ``PreActResNet18(final_bn=True)`` in PyTorch."""
-
-  def __init__(self, num_classes, mean, std, width=64):
-    super().__init__()
-    self.norm = _Normalize(mean, std)
-    self.conv1 = tnn.Conv2d(3, width, 3, 1, 1, bias=False)
-    in_planes = width
-    for s, stride in enumerate((1, 2, 2, 2)):
-      planes = width * 2 ** s
-      blocks = []
-      for i in range(2):
-        blocks.append(TorchPreActBlock(in_planes, planes,
-                                       stride if i == 0 else 1))
-        in_planes = planes
-      setattr(self, f"layer{s + 1}", tnn.Sequential(*blocks))
-    self.bn = tnn.BatchNorm2d(in_planes)
-    self.linear = tnn.Linear(in_planes, num_classes)
-
-  def forward(self, x):
-    x = self.conv1(self.norm(x))
-    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-    x = F.relu(self.bn(x))
-    x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-    return self.linear(x)
-
-
 def torch_model(name, mean, std):
   if name == "small_cnn":
-    return TorchSmallCNN(NUM_CLASSES, mean, std)
-  return TorchPreActResNet18(NUM_CLASSES, mean, std)
+    return TorchSmallCNN(NUM_CLASSES, mean=mean, std=std)
+  return TorchResNet18(NUM_CLASSES, preact=True, final_bn=True, mean=mean,
+                       std=std)
 
 
 # ------------------------------------------------ tsjax -> torch weights
@@ -723,22 +636,7 @@ def print_table(result: dict) -> None:
 
 
 def save(result: dict, machine: dict, args) -> pathlib.Path:
-  backend = machine["backend"]
-  path = pathlib.Path(args.out) if args.out else (
-      ROOT / "benchmarks" / "results" /
-      f"adv_train_step_{backend}{'_quick' if args.quick else ''}.json")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  data = {}
-  if path.exists():
-    try:
-      data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-      data = {}
-  if data.get("benchmark") != "adv_train_step" or not isinstance(
-      data.get("runs"), dict):
-    data = {"benchmark": "adv_train_step", "runs": {}}
-  data["backend"] = backend
-  command = " ".join(["python benchmarks/adv_train_step.py", *args.argv])
+  path, data, command = open_results("adv_train_step", machine, args)
   run_key = result["dtype"]
   if result["torch_threads"] != os.cpu_count():
     run_key += f"_torch{result['torch_threads']}threads"
@@ -751,8 +649,7 @@ def save(result: dict, machine: dict, args) -> pathlib.Path:
       **{k: v for k, v in result.items() if k != "rows"},
       "command": command, "machine": machine,
       "rows": [rows[m] for m in MODELS if m in rows]}
-  path.write_text(json.dumps(data, indent=2) + "\n")
-  return path
+  return write_results(path, data)
 
 
 def main(argv=None) -> None:

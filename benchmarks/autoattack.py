@@ -78,7 +78,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import sys
@@ -168,10 +167,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn as tnn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _common import loadavg, machine_info, uptime  # noqa: E402
+from _common import (loadavg, machine_info, open_results,  # noqa: E402
+                     uptime, write_results)
+from tests.torch_nets import TorchResNet18, TorchSmallCNN  # noqa: E402
 from tsjax import models  # noqa: E402
 from tsjax.attacks import autoattack as aa  # noqa: E402
 from tsjax.data import images  # noqa: E402
@@ -209,70 +209,6 @@ class CompileClock:
 
 
 CLOCK = CompileClock()
-
-
-# ------------------------------------------------------------ torch models
-class TorchSmallCNN(tnn.Module):
-  """tsjax ``SmallCNN`` (features (32, 64), hidden 128, no normalisation) in
-  PyTorch, NCHW; key names as ``tsjax.models.convert_state_dict`` expects."""
-
-  def __init__(self, in_channels, hw, num_classes=NUM_CLASSES):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(in_channels, 32, 3, padding=1)
-    self.conv2 = tnn.Conv2d(32, 64, 3, padding=1)
-    self.fc1 = tnn.Linear(64 * (hw[0] // 4) * (hw[1] // 4), 128)
-    self.fc = tnn.Linear(128, num_classes)
-
-  def forward(self, x):
-    x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-    x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-    return self.fc(F.relu(self.fc1(torch.flatten(x, 1))))
-
-
-class TorchBasicBlock(tnn.Module):
-  """kuangliu ``BasicBlock`` (post-activation, 1x1 conv + BN shortcut)."""
-
-  def __init__(self, in_planes, planes, stride=1):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(planes)
-    self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(planes)
-    self.shortcut = tnn.Sequential()
-    if stride != 1 or in_planes != planes:
-      self.shortcut = tnn.Sequential(
-          tnn.Conv2d(in_planes, planes, 1, stride, bias=False),
-          tnn.BatchNorm2d(planes))
-
-  def forward(self, x):
-    out = F.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    return F.relu(out + self.shortcut(x))
-
-
-class TorchResNet18(tnn.Module):
-  """kuangliu ``ResNet18`` (CIFAR stem: 3x3 conv, no max pool) = tsjax
-  ``ResNet18``."""
-
-  def __init__(self, in_channels, num_classes=NUM_CLASSES, width=64):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(width)
-    in_planes = width
-    for s, stride in enumerate((1, 2, 2, 2)):
-      planes = width * 2 ** s
-      blocks = []
-      for i in range(2):
-        blocks.append(TorchBasicBlock(in_planes, planes,
-                                      stride if i == 0 else 1))
-        in_planes = planes
-      setattr(self, f"layer{s + 1}", tnn.Sequential(*blocks))
-    self.linear = tnn.Linear(in_planes, num_classes)
-
-  def forward(self, x):
-    out = F.relu(self.bn1(self.conv1(x)))
-    out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-    return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
 def to_nchw(x, device):
@@ -315,8 +251,9 @@ def build(name, args, device):
   steps = (args.train_steps if args.train_steps is not None
            else DEFAULTS[name]["train_steps"])
   torch.manual_seed(args.seed)
-  net = (TorchSmallCNN(c, (h, w)) if name == "small_cnn"
-         else TorchResNet18(c)).to(device)
+  net = (TorchSmallCNN(NUM_CLASSES, in_channels=c, hw=(h, w))
+         if name == "small_cnn"
+         else TorchResNet18(NUM_CLASSES, in_channels=c)).to(device)
   t0 = time.perf_counter()
   threads = torch.get_num_threads()
   torch.set_num_threads(1)   # same weights whatever --torch-threads is (and
@@ -534,29 +471,13 @@ def print_table(result: dict) -> None:
 
 
 def save(result: dict, machine: dict, args) -> pathlib.Path:
-  backend = machine["backend"]
-  path = pathlib.Path(args.out) if args.out else (
-      ROOT / "benchmarks" / "results" /
-      f"autoattack_{backend}{'_quick' if args.quick else ''}.json")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  data = {}
-  if path.exists():
-    try:
-      data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-      data = {}
-  if data.get("benchmark") != "autoattack" or not isinstance(
-      data.get("runs"), dict):
-    data = {"benchmark": "autoattack", "runs": {}}
-  data["backend"] = backend
-  command = " ".join(["python benchmarks/autoattack.py", *args.argv])
+  path, data, command = open_results("autoattack", machine, args)
   for r in result["rows"]:
     key = f"{r['model']}_steps{r['steps']}_torch{r['torch_threads']}threads"
     data["runs"][key] = {
         **{k: v for k, v in result.items() if k != "rows"},
         "command": command, "machine": machine, **r}
-  path.write_text(json.dumps(data, indent=2) + "\n")
-  return path
+  return write_results(path, data)
 
 
 def main(args) -> None:

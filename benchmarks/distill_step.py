@@ -93,7 +93,6 @@ import copy
 import dataclasses
 import datetime
 import importlib
-import json
 import os
 import pathlib
 import statistics
@@ -121,8 +120,10 @@ import torch.nn.functional as F  # noqa: E402
 # nn.KLDivLoss()'s "mean" reduction is PeerAiD's (spec §2.2), on purpose.
 warnings.filterwarnings("ignore", message="reduction: 'mean' divides")
 
-import adv_train_step as ats  # noqa: E402  (TorchSmallCNN, count_*)
-from _common import loadavg, machine_info, uptime  # noqa: E402
+import adv_train_step as ats  # noqa: E402  (count_*)
+from _common import (loadavg, machine_info, open_results,  # noqa: E402
+                     uptime, write_results)
+from tests.torch_nets import TorchResNet18, TorchSmallCNN  # noqa: E402
 from configs.distill import get_config  # noqa: E402
 from experiments.train import build_attack, with_augmentation  # noqa: E402
 from tsjax import models  # noqa: E402
@@ -209,53 +210,6 @@ def parse_args(argv=None):
   return a
 
 
-# ------------------------------------------------------------ torch models
-class TorchBasicBlock(tnn.Module):
-  """kuangliu / RobustBench ``BasicBlock`` (as in tests/test_torch_convert.py)."""
-
-  def __init__(self, in_planes, planes, stride=1):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(planes)
-    self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(planes)
-    self.shortcut = tnn.Sequential()
-    if stride != 1 or in_planes != planes:
-      self.shortcut = tnn.Sequential(
-          tnn.Conv2d(in_planes, planes, 1, stride, bias=False),
-          tnn.BatchNorm2d(planes))
-
-  def forward(self, x):
-    out = F.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    return F.relu(out + self.shortcut(x))
-
-
-class TorchResNet18(tnn.Module):
-  """kuangliu CIFAR ResNet-18 (the tsjax ``resnet18``; key names as the
-  converter expects). No input normalisation (``model.normalize=False``)."""
-
-  def __init__(self, num_classes=10, width=64):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(3, width, 3, 1, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(width)
-    in_planes = width
-    for s, stride in enumerate((1, 2, 2, 2)):
-      planes = width * 2 ** s
-      layers = []
-      for i in range(2):
-        layers.append(TorchBasicBlock(in_planes, planes,
-                                      stride if i == 0 else 1))
-        in_planes = planes
-      setattr(self, f"layer{s + 1}", tnn.Sequential(*layers))
-    self.linear = tnn.Linear(in_planes, num_classes)
-
-  def forward(self, x):
-    out = F.relu(self.bn1(self.conv1(x)))
-    out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-    return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
-
-
 def make_pair(name, kwargs, mean, std, image_shape, seed):
   """``(flax_model, params, model_state, torch_net)`` with the same weights:
   the PyTorch net initialised by PyTorch (``seed``), converted by
@@ -266,13 +220,11 @@ def make_pair(name, kwargs, mean, std, image_shape, seed):
   models.check_input_shape(model, image_shape)
   torch.manual_seed(seed)
   if name == "small_cnn":
-    net = ats.TorchSmallCNN(NUM_CLASSES, mean, std, in_channels=c, hw=h,
-                            **kwargs)
+    net = TorchSmallCNN(NUM_CLASSES, in_channels=c, hw=h, mean=mean, std=std,
+                        **kwargs)
   elif name == "resnet18":
-    if tuple(mean) != (0.0,) or tuple(std) != (1.0,) or kwargs:
-      raise ValueError("the torch ResNet-18 here has no normalisation / "
-                       "options")
-    net = TorchResNet18(NUM_CLASSES)
+    net = TorchResNet18(NUM_CLASSES, in_channels=c, mean=mean, std=std,
+                        **kwargs)
   else:
     raise ValueError(name)
   params, state = models.convert_state_dict(net.state_dict(), model,
@@ -684,7 +636,7 @@ def bench_method(method, args, jdev, tdev) -> dict:
     check = check_step(su, imgs, labels, tdev)
     keys = [k[:-8] for k in check if k.endswith("_rel_err")
             and not k.startswith(("update", "bn_"))]
-    print(f"  float64 step check (PGD start at x): " +
+    print("  float64 step check (PGD start at x): " +
           ", ".join(f"{k} rel err {check[k + '_rel_err']:.1e}" for k in keys) +
           f", parameter update rel err {check['update_rel_err']:.1e} -> "
           f"{'ok' if check['ok'] else 'MISMATCH'}", flush=True)
@@ -812,22 +764,7 @@ def print_table(result: dict) -> None:
 
 
 def save(result: dict, machine: dict, args) -> pathlib.Path:
-  backend = machine["backend"]
-  path = pathlib.Path(args.out) if args.out else (
-      ROOT / "benchmarks" / "results" /
-      f"distill_step_{backend}{'_quick' if args.quick else ''}.json")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  data = {}
-  if path.exists():
-    try:
-      data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-      data = {}
-  if data.get("benchmark") != "distill_step" or not isinstance(
-      data.get("runs"), dict):
-    data = {"benchmark": "distill_step", "runs": {}}
-  data["backend"] = backend
-  command = " ".join(["python benchmarks/distill_step.py", *args.argv])
+  path, data, command = open_results("distill_step", machine, args)
   run_key = args.model + ("_pgd_rolled" if args.pgd_loop == "rolled" else "")
   entry = data["runs"].get(run_key, {})
   rows = {r["method"]: r for r in entry.get("rows", [])}
@@ -838,8 +775,7 @@ def save(result: dict, machine: dict, args) -> pathlib.Path:
       **{k: v for k, v in result.items() if k != "rows"},
       "command": command, "machine": machine,
       "rows": [rows[m] for m in METHODS if m in rows]}
-  path.write_text(json.dumps(data, indent=2) + "\n")
-  return path
+  return write_results(path, data)
 
 
 def main(argv=None) -> None:

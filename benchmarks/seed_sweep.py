@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import statistics
@@ -82,9 +81,9 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
-from _common import loadavg, machine_info, uptime  # noqa: E402
+from _common import (loadavg, machine_info, open_results,  # noqa: E402
+                     uptime, write_results)
 from configs.teacher_student import get_config  # noqa: E402
 from tsjax.train.sweep import seed_keys, seed_sweep  # noqa: E402
 from tsjax.train.teacher_student import TeacherStudent  # noqa: E402
@@ -380,26 +379,10 @@ def run_key(result: dict) -> str:
 
 
 def save(result: dict, machine: dict, args) -> pathlib.Path:
-  backend = machine["backend"]
-  path = pathlib.Path(args.out) if args.out else (
-      ROOT / "benchmarks" / "results" /
-      f"seed_sweep_{backend}{'_quick' if args.quick else ''}.json")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  data = {}
-  if path.exists():
-    try:
-      data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-      data = {}
-  if data.get("benchmark") != "seed_sweep" or not isinstance(
-      data.get("runs"), dict):
-    data = {"benchmark": "seed_sweep", "runs": {}}
-  data["backend"] = backend
-  command = " ".join(["python benchmarks/seed_sweep.py", *args.argv])
+  path, data, command = open_results("seed_sweep", machine, args)
   data["runs"][run_key(result)] = {"command": command, "machine": machine,
                                    **result}
-  path.write_text(json.dumps(data, indent=2) + "\n")
-  return path
+  return write_results(path, data)
 
 
 def main(argv=None) -> None:

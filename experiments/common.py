@@ -87,3 +87,43 @@ def to_jsonable(x):
     a = np.asarray(x)
     return a.item() if a.ndim == 0 else a.tolist()
   return x
+
+
+def launch(name: str, run, default_config: str, config_help: str,
+           default_variant: str = "") -> None:
+  """The command line of an experiment module (flax-example style):
+  ``python -m experiments.NAME --config configs/NAME.py[:variant]
+  [--config.field=value ...] [--workdir DIR]``.
+
+  Defines ``--config`` (an ml_collections config file, locked) and
+  ``--workdir`` (default ``runs/<name>_<variant>_<config hash>``, so the same
+  config resumes there), then calls ``run(config, workdir)``. The flags are
+  defined here, only when a module runs as a program, so the experiment
+  modules can be imported together (tests, tables).
+  """
+  import sys
+  import time
+
+  from absl import app, flags, logging
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", default_config, config_help,
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None,
+                      f"Output directory (default: runs/{name}_<variant>_"
+                      "<config hash>; the same config resumes there).")
+  for flag in ("config", "workdir"):   # list them in --help as the module's
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag])
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)   # Orbax logs every save at INFO
+    config = flags.FLAGS.config
+    arg = config_arg_from_argv(sys.argv, default=default_variant)
+    workdir = flags.FLAGS.workdir or default_workdir(name, arg, config)
+    t0 = time.time()
+    run(config, workdir)
+    print(f"done in {time.time() - t0:.0f} s; results in {workdir}")
+
+  app.run(main)

@@ -20,25 +20,10 @@ AutoAttack accuracy of the last, best, EMA and SWA students.
 from __future__ import annotations
 
 import os
-import sys
-import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
 
 METHODS = ("kd", "ard", "rslad", "iad", "funmatch", "peeraid", "advfunmatch")
 TEACHER_FREE = ("peeraid",)
-
-
-def define_flags():
-  config_flags.DEFINE_config_file(
-      "config", "configs/distill.py",
-      "Experiment config (ml_collections file with ':method,dataset[,smoke]').",
-      lock_config=True)
-  flags.DEFINE_string("workdir", None,
-                      "Output directory (default: runs/distill_<variant>_<hash>).")
 
 
 def validate(config) -> None:
@@ -90,7 +75,6 @@ def validate(config) -> None:
 
 def build_distill(config, model, data, key):
   """The ``train.Built`` of a distillation method."""
-  import jax
   from experiments.train import Built, build_attack
   from tsjax import models
   from tsjax.methods import (advfunmatch, ard, funmatch, iad, kd, peeraid,
@@ -149,19 +133,9 @@ def run(config, workdir: str, **kwargs):
                    **kwargs)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  from experiments import common
-  config = FLAGS.config
-  arg = common.config_arg_from_argv(sys.argv, default="rslad,fashion_mnist")
-  workdir = FLAGS.workdir or common.default_workdir("distill", arg, config)
-  t0 = time.time()
-  run(config, workdir)
-  print(f"done in {time.time() - t0:.0f} s; results in {workdir}")
-
-
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  from experiments import common
+  common.launch("distill", run, "configs/distill.py",
+                "Experiment config (ml_collections file with "
+                "':method,dataset[,smoke]').",
+                default_variant="rslad,fashion_mnist")

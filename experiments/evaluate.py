@@ -46,7 +46,6 @@ def load_classifier(run_dir: str, which: str = "best"):
 
 def run(config, workdir: str, progress: bool = True) -> dict:
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
   from experiments import common

@@ -21,26 +21,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
-
-
-def define_flags():
-  """Command-line flags, defined only when run as a program (so the
-  experiment modules can be imported together, e.g. by tests)."""
-  config_flags.DEFINE_config_file(
-      "config", "configs/teacher_student.py",
-      "Experiment config (ml_collections file, optional ':variant').",
-      lock_config=True)
-  flags.DEFINE_string("workdir", None,
-                      "Output directory (default: runs/teacher_student_<variant>"
-                      "_<config hash>; the same config resumes there).")
-
+from absl import logging
 
 def run(config, workdir: str, *, progress: bool = True,
         stop_after_chunks: int | None = None) -> dict | None:
@@ -52,7 +34,6 @@ def run(config, workdir: str, *, progress: bool = True,
   import jax
   if config.dtype == "float64":
     jax.config.update("jax_enable_x64", True)
-  import jax.numpy as jnp
   import numpy as np
   from tqdm import tqdm
 
@@ -296,20 +277,8 @@ def plots(config, workdir, metrics) -> None:
   plt.close(fig)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = FLAGS.config
-  logging.set_verbosity(logging.WARNING)   # Orbax logs every save at INFO
-  from experiments import common
-  arg = common.config_arg_from_argv(sys.argv)
-  workdir = FLAGS.workdir or common.default_workdir("teacher_student", arg,
-                                                    config)
-  t0 = time.time()
-  run(config, workdir)
-  print(f"done in {time.time() - t0:.0f} s; results in {workdir}")
-
-
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  from experiments import common
+  common.launch("teacher_student", run, "configs/teacher_student.py",
+                "Experiment config (ml_collections file, optional ':variant').",
+                default_variant="")

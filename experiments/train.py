@@ -17,26 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 
 from typing import Any, NamedTuple
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
-
-
-def define_flags():
-  """Command-line flags, defined only when run as a program (so the
-  experiment modules can be imported together, e.g. by tests)."""
-  config_flags.DEFINE_config_file(
-      "config", "configs/adv_train.py",
-      "Experiment config (ml_collections file with ':dataset,method[,smoke]').",
-      lock_config=True)
-  flags.DEFINE_string("workdir", None,
-                      "Output directory (default: runs/train_<variant>_<hash>).")
 
 
 METHODS = ("standard", "pgd_at", "trades", "ccat")
@@ -346,19 +328,9 @@ def run(config, workdir: str, *, progress: bool = True,
   return {"summary": summary, "fit": out}
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  from experiments import common
-  config = FLAGS.config
-  arg = common.config_arg_from_argv(sys.argv, default="fashion_mnist,pgd_at")
-  workdir = FLAGS.workdir or common.default_workdir("train", arg, config)
-  t0 = time.time()
-  run(config, workdir)
-  print(f"done in {time.time() - t0:.0f} s; results in {workdir}")
-
-
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  from experiments import common
+  common.launch("train", run, "configs/adv_train.py",
+                "Experiment config (ml_collections file with "
+                "':dataset,method[,smoke]').",
+                default_variant="fashion_mnist,pgd_at")

@@ -1,11 +1,10 @@
 """PyTorch state_dict -> Flax conversion (``tsjax.models.torch_convert``).
 
-The PyTorch reference networks below are written with the key names of the
-checkpoints the converter targets: kuangliu / RobustBench ``ResNet18``,
+The PyTorch reference networks (tests/torch_nets.py) are written with the key
+names of the checkpoints the converter targets: kuangliu / RobustBench ``ResNet18``,
 Rice et al. / RobustBench ``PreActResNet18`` (final ``bn``; kuangliu's without),
 RobustBench / TRADES ``WideResNet`` (``block{g}.layer.{i}``, ``convShortcut``,
-optional unused ``sub_block1``) and the small CNN of
-``benchmarks/adv_train_step.py``. They are randomly initialised with random BN
+optional unused ``sub_block1``) and the tsjax small CNN. They are randomly initialised with random BN
 affine parameters *and* running statistics, converted, and their eval-mode
 logits compared with the tsjax models' at 1e-4 (float32). The equivalence
 tests use narrow variants (same code paths, same key names) to stay fast on
@@ -25,170 +24,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 tnn = torch.nn
-F = torch.nn.functional
 
 from tsjax.models import (PreActResNet18, compute_sha256,  # noqa: E402
                           convert_state_dict, convert_torch_checkpoint,
                           get_model, load_torch_state_dict,
                           save_state_dict_npz, torch_state_dict_shapes)
 
+from torch_nets import (TorchResNet18, TorchSmallCNN,  # noqa: E402
+                        TorchWideResNet)
+
 F32 = jnp.float32
-
-
-# ------------------------------------------------------ PyTorch references
-class TorchSmallCNN(tnn.Module):
-  """conv1-ReLU-pool, conv2-ReLU-pool, flatten (c, h, w), fc1-ReLU, fc."""
-
-  def __init__(self, num_classes=10, in_channels=3, hw=(32, 32),
-               features=(32, 64), hidden=128):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(in_channels, features[0], 3, padding=1)
-    self.conv2 = tnn.Conv2d(features[0], features[1], 3, padding=1)
-    self.fc1 = tnn.Linear(features[1] * (hw[0] // 4) * (hw[1] // 4), hidden)
-    self.fc = tnn.Linear(hidden, num_classes)
-
-  def forward(self, x):
-    x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-    x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-    return self.fc(F.relu(self.fc1(torch.flatten(x, 1))))
-
-
-class TorchBasicBlock(tnn.Module):
-  """kuangliu / RobustBench ResNet ``BasicBlock``."""
-
-  def __init__(self, in_planes, planes, stride=1):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(planes)
-    self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(planes)
-    self.shortcut = tnn.Sequential()
-    if stride != 1 or in_planes != planes:
-      self.shortcut = tnn.Sequential(
-          tnn.Conv2d(in_planes, planes, 1, stride, bias=False),
-          tnn.BatchNorm2d(planes))
-
-  def forward(self, x):
-    out = F.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    return F.relu(out + self.shortcut(x))
-
-
-class TorchPreActBlock(tnn.Module):
-  """Rice et al. / RobustBench ``PreActBlock``."""
-
-  def __init__(self, in_planes, planes, stride=1):
-    super().__init__()
-    self.bn1 = tnn.BatchNorm2d(in_planes)
-    self.conv1 = tnn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(planes)
-    self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    if stride != 1 or in_planes != planes:
-      self.shortcut = tnn.Sequential(
-          tnn.Conv2d(in_planes, planes, 1, stride, bias=False))
-
-  def forward(self, x):
-    out = F.relu(self.bn1(x))
-    shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
-    out = self.conv1(out)
-    out = self.conv2(F.relu(self.bn2(out)))
-    return out + shortcut
-
-
-class TorchResNet18(tnn.Module):
-  """``ResNet18`` (``preact=False``) or ``PreActResNet18`` (``preact=True``;
-  ``final_bn`` adds RobustBench's ``bn`` before pooling)."""
-
-  def __init__(self, num_classes=10, width=64, preact=False, final_bn=True):
-    super().__init__()
-    self.preact, self.final_bn = preact, final_bn
-    block = TorchPreActBlock if preact else TorchBasicBlock
-    self.conv1 = tnn.Conv2d(3, width, 3, 1, 1, bias=False)
-    if not preact:
-      self.bn1 = tnn.BatchNorm2d(width)
-    in_planes = width
-    for s, stride in enumerate((1, 2, 2, 2)):
-      planes = width * 2 ** s
-      layers = []
-      for i in range(2):
-        layers.append(block(in_planes, planes, stride if i == 0 else 1))
-        in_planes = planes
-      setattr(self, f"layer{s + 1}", tnn.Sequential(*layers))
-    if preact and final_bn:
-      self.bn = tnn.BatchNorm2d(in_planes)
-    self.linear = tnn.Linear(in_planes, num_classes)
-
-  def forward(self, x):
-    out = self.conv1(x)
-    if not self.preact:
-      out = F.relu(self.bn1(out))
-    out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-    if self.preact and self.final_bn:
-      out = F.relu(self.bn(out))
-    out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-    return self.linear(out)
-
-
-class TorchWideBlock(tnn.Module):
-  """RobustBench / TRADES WRN ``BasicBlock`` (verbatim logic)."""
-
-  def __init__(self, in_planes, out_planes, stride):
-    super().__init__()
-    self.bn1 = tnn.BatchNorm2d(in_planes)
-    self.relu1 = tnn.ReLU(inplace=True)
-    self.conv1 = tnn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(out_planes)
-    self.relu2 = tnn.ReLU(inplace=True)
-    self.conv2 = tnn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
-    self.equalInOut = in_planes == out_planes
-    self.convShortcut = (None if self.equalInOut else tnn.Conv2d(
-        in_planes, out_planes, 1, stride, 0, bias=False))
-
-  def forward(self, x):
-    if not self.equalInOut:
-      x = self.relu1(self.bn1(x))
-    else:
-      out = self.relu1(self.bn1(x))
-    out = self.relu2(self.bn2(self.conv1(out if self.equalInOut else x)))
-    out = self.conv2(out)
-    return torch.add(x if self.equalInOut else self.convShortcut(x), out)
-
-
-class TorchNetworkBlock(tnn.Module):
-
-  def __init__(self, nb_layers, in_planes, out_planes, stride):
-    super().__init__()
-    self.layer = tnn.Sequential(*[
-        TorchWideBlock(in_planes if i == 0 else out_planes, out_planes,
-                       stride if i == 0 else 1) for i in range(nb_layers)])
-
-  def forward(self, x):
-    return self.layer(x)
-
-
-class TorchWideResNet(tnn.Module):
-  """RobustBench / TRADES ``WideResNet`` (``sub_block1``: TRADES' unused one)."""
-
-  def __init__(self, depth=34, widen_factor=10, num_classes=10,
-               sub_block1=False):
-    super().__init__()
-    ch = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
-    n = (depth - 4) // 6
-    self.conv1 = tnn.Conv2d(3, ch[0], 3, 1, 1, bias=False)
-    self.block1 = TorchNetworkBlock(n, ch[0], ch[1], 1)
-    if sub_block1:
-      self.sub_block1 = TorchNetworkBlock(n, ch[0], ch[1], 1)
-    self.block2 = TorchNetworkBlock(n, ch[1], ch[2], 2)
-    self.block3 = TorchNetworkBlock(n, ch[2], ch[3], 2)
-    self.bn1 = tnn.BatchNorm2d(ch[3])
-    self.relu = tnn.ReLU(inplace=True)
-    self.fc = tnn.Linear(ch[3], num_classes)
-
-  def forward(self, x):
-    out = self.block3(self.block2(self.block1(self.conv1(x))))
-    out = self.relu(self.bn1(out))
-    out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-    return self.fc(out)
 
 
 def randomise(net, seed=0):

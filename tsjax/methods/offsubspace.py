@@ -9,7 +9,6 @@ which standard training never moves (spec §1.4).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from tsjax.data.synthetic import project_out
 from tsjax.methods.teacher_student import Networks, regression_loss

@@ -9,7 +9,6 @@ teacher's output *there* (the teacher is an oracle).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from tsjax import losses

@@ -7,7 +7,7 @@ them into a loop and ``experiments/train.py`` configures that loop.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +16,8 @@ import optax
 from tsjax import config_checks as cc
 from tsjax import losses
 from tsjax.attacks import pgd
-from tsjax.methods.common import ImageAttack, forward, logits_fn
-from tsjax.train.state import TrainState, make_train_step
+from tsjax.methods.common import ImageAttack, logits_fn
+from tsjax.train.state import make_train_step
 
 SCHEDULES = ("piecewise", "cosine", "exponential", "constant")
 

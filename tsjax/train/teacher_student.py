@@ -20,7 +20,6 @@ field, before anything is traced) and exposes the pieces of one seed's run:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
