@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
+import sys
 import time
 
 import numpy as np
@@ -184,6 +186,11 @@ def main(argv):
   if missing:
     lines += ["", f"Not run yet (resume with the same command): "
               f"{', '.join(missing)}."]
+  lines += ["", "Command (resumes; finished runs are reused; `--table_only` "
+            "only tabulates):", "", "```",
+            " ".join(["python -m experiments.distill_table",
+                      *(shlex.quote(a) for a in sys.argv[1:]
+                        if not a.startswith("--table_only"))]), "```"]
   text = "\n".join(lines) + "\n"
   print(text)
   common.atomic_write(os.path.join(FLAGS.workdir, "table.md"), text)
@@ -191,6 +198,12 @@ def main(argv):
       common.to_jsonable({f"{m}_s{s}": v[0] for (m, s), v in runs.items()}),
       indent=2))
   if FLAGS.out:
+    # A hand-written reading of the table (from a "## Reading" heading on)
+    # survives regeneration.
+    if os.path.exists(FLAGS.out):
+      old = open(FLAGS.out).read()
+      if "\n## Reading" in old:
+        text += "\n" + old[old.index("\n## Reading") + 1:]
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     common.atomic_write(FLAGS.out, text)
 
