@@ -52,7 +52,7 @@ def run(config, workdir: str, progress: bool = True) -> dict:
   from tsjax import config_checks as cc
   from tsjax.attacks.autoattack import VERSIONS, autoattack
   from tsjax.data import images
-  from tsjax.methods.common import ImageAttack, logits_fn
+  from tsjax.methods.common import ImageAttack, ModelLogits
   from tsjax.train import classifier as clf
 
   if not config.checkpoint:
@@ -84,12 +84,12 @@ def run(config, workdir: str, progress: bool = True) -> dict:
   res["seconds_pgd"] = time.time() - t0
   if config.autoattack:
     m = config.aa_subset or n
-    f = logits_fn(model, params, ms, "eval")
     t0 = time.time()
-    aa = autoattack(f, x[:m].astype(np.float32) / 255.0, y[:m], key,
+    aa = autoattack(ModelLogits(model, "eval"),
+                    x[:m].astype(np.float32) / 255.0, y[:m], key,
                     norm=config.norm, eps=eps, version=config.aa_version,
                     batch_size=int(config.batch_size), state_dir=workdir,
-                    progress=progress)
+                    progress=progress, params=(params, ms))
     res.update({"autoattack/acc": aa["robust_acc"],
                 "autoattack/clean_acc": aa["clean_acc"],
                 "autoattack/num_examples": m,

@@ -160,12 +160,15 @@ def autoattack_row(model, params, model_state, test, ev, eps, key,
   ``ev.autoattack_subset`` test examples."""
   import numpy as np
   from tsjax.attacks.autoattack import autoattack
-  from tsjax.methods.common import logits_fn
+  from tsjax.methods.common import ModelLogits
   n = min(int(ev.autoattack_subset), len(test))
-  aa = autoattack(logits_fn(model, params, model_state, "eval"),
+  # Parameters as an argument: the attacks compiled for the first parameter
+  # set evaluated (best, last, EMA, SWA) serve the others.
+  aa = autoattack(ModelLogits(model, "eval"),
                   test.images[:n].astype(np.float32) / 255.0, test.labels[:n],
                   key, norm="linf", eps=eps, version=ev.autoattack_version,
-                  batch_size=int(ev.batch_size), progress=progress)
+                  batch_size=int(ev.batch_size), progress=progress,
+                  params=(params, model_state))
   return {"aa_acc": float(aa["robust_acc"]), "aa_clean_acc": float(aa["clean_acc"]),
           "aa_num": n, "aa_after": aa["robust_acc_after"],
           "aa_warnings": aa["warnings"]}

@@ -67,6 +67,35 @@ def test_same_key_same_result_and_huge_eps(ref):
   assert big["robust_acc"] == 0.0
 
 
+def test_params_argument_reuses_compiled_attacks_and_equals_closure():
+  """With the model passed as ``ModelLogits`` and its parameters as
+  ``params``, a second evaluation of other parameters of an equal model
+  compiles nothing new and gives what the closure path gives."""
+  from reference_models import flax_logits_fn, fmnist_reference
+  from tsjax.methods.common import ModelLogits
+  model, params, x, y = fmnist_reference(n_test=120)
+  x, y = x[:64], y[:64]
+  kw = dict(eps=0.05, attacks=("apgd-ce", "fab-t"), checks=False,
+            steps=10, batch_size=64)
+  mf = ModelLogits(model)
+  first = aa.autoattack(mf, x, y, jax.random.key(4), params=(params, {}),
+                        **kw)
+  compiled = {k: v._cache_size() for k, v in aa._COMPILED.items()
+              if k[0] == mf}
+  assert len(compiled) == 3 and all(n >= 1 for n in compiled.values())
+  other = jax.tree.map(lambda p: 1.5 * p, params)   # other predictions
+  second = aa.autoattack(ModelLogits(type(model)()), x, y, jax.random.key(4),
+                         params=(other, {}), **kw)
+  assert {k: v._cache_size() for k, v in aa._COMPILED.items()
+          if k[0] == mf} == compiled
+  closure = aa.autoattack(flax_logits_fn(model, other), x, y,
+                          jax.random.key(4), **kw)
+  assert second["robust_acc_after"] == closure["robust_acc_after"]
+  np.testing.assert_array_equal(second["robust"], closure["robust"])
+  np.testing.assert_allclose(second["x_adv"], closure["x_adv"], atol=1e-5)
+  assert not np.array_equal(first["x_adv"], second["x_adv"])
+
+
 def test_resume_after_interruption(ref, tmp_path, monkeypatch):
   f, x, y = ref
   kw = dict(eps=0.05, attacks=("apgd-ce", "apgd-dlr"), checks=False,

@@ -19,6 +19,15 @@ Versions, as the reference defines them:
   averages gradients of 20 fresh draws), see ``eot_logits_fn``.
 * a custom list of attack names from ``ATTACKS``.
 
+Compiled attacks are reused across calls when the model is passed as a
+hashable function of its parameters, ``autoattack(model_fn, x, y, key,
+params=variables, ...)`` with ``model_fn(params, x) -> logits`` (e.g.
+``tsjax.methods.common.ModelLogits(model)``): evaluating another checkpoint
+of the same architecture with the same settings then compiles nothing (the
+attacks take the parameters as arguments instead of baking them in as
+constants). A plain ``logits_fn(x)`` closure works too and compiles on every
+call.
+
 Sanity checks like the reference's (``AutoAttackWarning``): randomness in the
 forward pass, outputs that look like probabilities, too few classes for the
 targeted attacks, zero input gradients, and a black-box attack (Square)
@@ -27,6 +36,9 @@ breaking points the white-box attacks could not (gradient masking).
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -100,6 +112,49 @@ def _attack_fn(name: str, norm: str, eps: float, s: dict, steps: int):
     return lambda f, x, y, k: square(f, x, y, k, norm=norm, eps=eps,
                                      queries=s["square_queries"])
   raise ValueError(f"unknown attack {name!r}; expected one of {ATTACKS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _EOT:
+  """``eot_logits_fn`` as a hashable function of ``(params, key)``."""
+  model_fn: Callable
+  draws: int
+
+  def __call__(self, params_and_key, x):
+    params, key = params_and_key
+    return eot_logits_fn(functools.partial(self.model_fn, params), key,
+                         self.draws)(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Closure:
+  """A ``logits_fn(x)`` closure seen as a function of (ignored) params."""
+  fn: Callable
+
+  def __call__(self, params, x):
+    del params
+    return self.fn(x)
+
+
+# Jitted (model function, attack, settings) -> function of (params, x, y,
+# key); jit's own cache then holds one executable per batch shape. Bounded,
+# least recently used out first.
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_COMPILED_MAX = 64
+
+
+def _jitted(cache, cache_key, build):
+  try:
+    hash(cache_key)
+  except TypeError:       # an unhashable model function: no reuse
+    return build()
+  if cache_key in cache:
+    cache.move_to_end(cache_key)
+    return cache[cache_key]
+  fn = cache[cache_key] = build()
+  while len(cache) > _COMPILED_MAX:
+    cache.popitem(last=False)
+  return fn
 
 
 def _inside(xa, x, norm, eps, tol=1e-5):
@@ -187,7 +242,7 @@ def autoattack(logits_fn: Callable, x, y, key, *, norm: str = "linf",
                attacks: Sequence[str] | None = None, batch_size: int = 500,
                steps: int = 100, state_dir: str | None = None,
                n_classes: int | None = None, checks: bool = True,
-               progress: bool = False) -> dict:
+               progress: bool = False, params=None) -> dict:
   """Runs AutoAttack; returns a dict with
 
   * ``x_adv`` [N, ...]: the adversarial input of every broken point (the
@@ -196,7 +251,13 @@ def autoattack(logits_fn: Callable, x, y, key, *, norm: str = "linf",
   * ``robust_acc_after``: {attack name: robust accuracy after it};
   * ``warnings``: messages of the sanity checks.
 
-  ``logits_fn(x) -> logits`` (``logits_fn(x, key)`` for version "rand").
+  ``logits_fn(x) -> logits`` (``logits_fn(x, key)`` for version "rand"), or,
+  with ``params`` given, ``logits_fn(params, x) -> logits``
+  (``logits_fn(params, x, key)`` for "rand"): then the compiled attacks are
+  cached by ``logits_fn`` (which must be hashable and compare equal for the
+  same model, as ``tsjax.methods.common.ModelLogits`` does) and the
+  settings, and a later call with other parameters of the same model does
+  not recompile.
   ``state_dir``: save progress after every batch of every attack and resume
   from it (the file is keyed by the arguments, model outputs on the first
   points included, so a different model or data never resumes).
@@ -216,8 +277,23 @@ def autoattack(logits_fn: Callable, x, y, key, *, norm: str = "linf",
   y = np.asarray(y, np.int32)
   k_eot, key = jax.random.split(key)
   randomized = version == "rand"
-  f = eot_logits_fn(logits_fn, k_eot, 20) if randomized else logits_fn
-  f_batch = jax.jit(f)
+  # model_fn(p, x) -> logits with p passed to the compiled attacks as an
+  # argument. Without params, a closure holding its parameters as constants:
+  # p is None and the compiled attacks live for this call only (keeping them
+  # would keep the parameters).
+  cache = _COMPILED if params is not None else collections.OrderedDict()
+  if params is None:
+    model_fn = _Closure(eot_logits_fn(logits_fn, k_eot, 20) if randomized
+                        else logits_fn)
+    p = None
+  elif randomized:
+    model_fn, p = _EOT(logits_fn, 20), (params, k_eot)
+  else:
+    model_fn, p = logits_fn, params
+  f = functools.partial(model_fn, p)
+  f_batch_p = _jitted(cache, (model_fn, "logits"),
+                      lambda: jax.jit(lambda q, z: model_fn(q, z)))
+  f_batch = functools.partial(f_batch_p, p)
   clean_logits = np.concatenate([np.asarray(f_batch(jnp.asarray(x[i:i + batch_size])))
                                  for i in range(0, len(x), batch_size)])
   n_classes = n_classes or clean_logits.shape[-1]
@@ -242,8 +318,12 @@ def autoattack(logits_fn: Callable, x, y, key, *, norm: str = "linf",
   for ai, name in enumerate(names):
     if ai < done_attack:
       continue
-    run = _attack_fn(name, norm, eps, s, steps)
-    attack = jax.jit(lambda xb, yb, kb, run=run: run(f, xb, yb, kb))
+    attack = _jitted(
+        cache, (model_fn, name, norm, float(eps), int(steps),
+         tuple(sorted(s.items()))),
+        lambda run=_attack_fn(name, norm, eps, s, steps): jax.jit(
+            lambda q, xb, yb, kb: run(functools.partial(model_fn, q), xb, yb,
+                                      kb)))
     if name == "square" and white_box_robust is None:
       white_box_robust = robust.copy()
     # The points this attack works on: those robust when it started (saved
@@ -256,12 +336,13 @@ def autoattack(logits_fn: Callable, x, y, key, *, norm: str = "linf",
       idx = todo[b * bs:(b + 1) * bs]
       pad = bs - len(idx)
       sel = np.concatenate([idx, np.repeat(idx[-1:], pad)]) if pad else idx
-      xa, _ = attack(jnp.asarray(x[sel]), jnp.asarray(y[sel]),
+      xa, _ = attack(p, jnp.asarray(x[sel]), jnp.asarray(y[sel]),
                      jax.random.fold_in(jax.random.fold_in(key, ai), b))
-      xa = np.asarray(xa)[:len(idx)]
       # Count a point as broken only if the model misclassifies the returned
-      # input and it lies in the threat model.
-      pred = np.asarray(f_batch(jnp.asarray(xa))).argmax(-1)
+      # input and it lies in the threat model. (Predicted on the padded
+      # batch: one compilation per bucket, not per number of points left.)
+      pred = np.asarray(f_batch(xa)).argmax(-1)[:len(idx)]
+      xa = np.asarray(xa)[:len(idx)]
       broken = (pred != y[idx]) & _inside(xa, x[idx], norm, eps)
       x_adv[idx[broken]] = xa[broken]
       robust[idx[broken]] = False

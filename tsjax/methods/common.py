@@ -11,6 +11,7 @@ batch statistics as in ARD/IAD code, with the statistic updates discarded).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -53,11 +54,25 @@ class ImageAttack:
                        f"{self.bn_mode!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelLogits:
+  """``(variables, x) -> logits`` of ``model`` with ``variables = (params,
+  model_state)``, no state update, no gradient to the parameters. Hashable
+  and equal for equal models, so attacks compiled for it can take the
+  parameters as an argument and be reused for other parameters
+  (``autoattack(ModelLogits(model), x, y, key, params=(params, state))``)."""
+  model: object
+  bn_mode: str = "eval"
+
+  def __call__(self, variables, x):
+    params, model_state = variables
+    return forward(self.model, jax.lax.stop_gradient(params), model_state, x,
+                   self.bn_mode == "train")[0]
+
+
 def logits_fn(model, params, model_state, bn_mode: str = "eval"):
   """``x -> logits`` with fixed parameters for an attack (no state update)."""
-  params = jax.lax.stop_gradient(params)
-  train = bn_mode == "train"
-  return lambda x: forward(model, params, model_state, x, train)[0]
+  return functools.partial(ModelLogits(model, bn_mode), (params, model_state))
 
 
 def run_attack(att: ImageAttack, loss_of_x, x, key):
