@@ -139,3 +139,19 @@ def write_results(path: pathlib.Path, data: dict) -> pathlib.Path:
   tmp.write_text(json.dumps(data, indent=2) + "\n")
   os.replace(tmp, path)
   return path
+
+
+def merge_rows(data: dict, run_key: str, result: dict, machine: dict,
+               command: str, row_key: str, order) -> None:
+  """Stores ``result`` under ``data["runs"][run_key]``, its ``rows`` merged
+  by ``row[row_key]`` with the rows already there (a run of one model or
+  method replaces that row and keeps the others), in the order of ``order``."""
+  entry = data["runs"].get(run_key, {})
+  rows = {r[row_key]: r for r in entry.get("rows", [])}
+  rows.update({r[row_key]: {**r, "command": command, "machine": machine,
+                            "timestamp": result["timestamp"]}
+               for r in result["rows"]})
+  data["runs"][run_key] = {
+      **{k: v for k, v in result.items() if k != "rows"},
+      "command": command, "machine": machine,
+      "rows": [rows[m] for m in order if m in rows]}

@@ -91,8 +91,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _common import (loadavg, machine_info, open_results,  # noqa: E402
-                     write_results)
+from _common import (loadavg, machine_info, merge_rows,  # noqa: E402
+                     open_results, write_results)
 from tests.torch_nets import TorchResNet18, TorchSmallCNN  # noqa: E402
 from configs.adv_train import get_config  # noqa: E402
 from experiments.train import build_method, validate, with_augmentation  # noqa: E402
@@ -640,15 +640,7 @@ def save(result: dict, machine: dict, args) -> pathlib.Path:
   run_key = result["dtype"]
   if result["torch_threads"] != os.cpu_count():
     run_key += f"_torch{result['torch_threads']}threads"
-  entry = data["runs"].get(run_key, {})
-  rows = {r["model"]: r for r in entry.get("rows", [])}
-  rows.update({r["model"]: {**r, "command": command, "machine": machine,
-                            "timestamp": result["timestamp"]}
-               for r in result["rows"]})
-  data["runs"][run_key] = {
-      **{k: v for k, v in result.items() if k != "rows"},
-      "command": command, "machine": machine,
-      "rows": [rows[m] for m in MODELS if m in rows]}
+  merge_rows(data, run_key, result, machine, command, "model", MODELS)
   return write_results(path, data)
 
 

@@ -121,8 +121,8 @@ import torch.nn.functional as F  # noqa: E402
 warnings.filterwarnings("ignore", message="reduction: 'mean' divides")
 
 import adv_train_step as ats  # noqa: E402  (count_*)
-from _common import (loadavg, machine_info, open_results,  # noqa: E402
-                     uptime, write_results)
+from _common import (loadavg, machine_info, merge_rows,  # noqa: E402
+                     open_results, uptime, write_results)
 from tests.torch_nets import TorchResNet18, TorchSmallCNN  # noqa: E402
 from configs.distill import get_config  # noqa: E402
 from experiments.train import build_attack, with_augmentation  # noqa: E402
@@ -766,15 +766,7 @@ def print_table(result: dict) -> None:
 def save(result: dict, machine: dict, args) -> pathlib.Path:
   path, data, command = open_results("distill_step", machine, args)
   run_key = args.model + ("_pgd_rolled" if args.pgd_loop == "rolled" else "")
-  entry = data["runs"].get(run_key, {})
-  rows = {r["method"]: r for r in entry.get("rows", [])}
-  rows.update({r["method"]: {**r, "command": command,
-                             "timestamp": result["timestamp"]}
-               for r in result["rows"]})
-  data["runs"][run_key] = {
-      **{k: v for k, v in result.items() if k != "rows"},
-      "command": command, "machine": machine,
-      "rows": [rows[m] for m in METHODS if m in rows]}
+  merge_rows(data, run_key, result, machine, command, "method", METHODS)
   return write_results(path, data)
 
 

@@ -1,8 +1,6 @@
 """Bad configs fail in TeacherStudent(config) with a ValueError naming the
 field, before JAX traces or compiles anything."""
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,26 +8,7 @@ import pytest
 
 from tsjax.train.teacher_student import TeacherStudent
 
-# jax/_src/dispatch.py: JAXPR_TRACE_EVENT, JAXPR_TO_MLIR_MODULE_EVENT and
-# BACKEND_COMPILE_EVENT all live under this prefix.
-COMPILE_PREFIX = "/jax/core/compile"
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
-
-
-@contextlib.contextmanager
-def compile_events():
-  events = []
-
-  def listener(event, duration_secs, **kwargs):
-    del duration_secs, kwargs
-    if event.startswith(COMPILE_PREFIX):
-      events.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield events
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
+from compile_events import BACKEND_COMPILE, compile_events
 
 
 def test_compile_listener_sees_a_fresh_jit():

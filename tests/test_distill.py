@@ -21,7 +21,6 @@ IAD, KD, FunMatch, §5 reductions and stop-gradients).
   config errors before compiling, and a teacher from a PyTorch state dict.
 """
 
-import contextlib
 import os
 import re
 
@@ -40,6 +39,8 @@ from tsjax.methods.common import ImageAttack, ce_attack, logits_fn, run_attack
 from tsjax.methods.distill import teacher_ctx, teacher_logits
 from tsjax.train import CheckpointStore, TrainState
 from tsjax.train import classifier as clf
+
+from compile_events import compile_events
 
 F64 = jnp.float64
 B, C = 8, 10
@@ -774,25 +775,6 @@ def test_fit_checkpoints_hold_no_teacher(tiny, tmp_path):
                best["params"]):
     assert jax.tree.structure(jax.tree.map(np.asarray, tree)) == \
         jax.tree.structure(t["sp"])
-
-
-COMPILE_PREFIX = "/jax/core/compile"
-
-
-@contextlib.contextmanager
-def compile_events():
-  events = []
-
-  def listener(event, duration_secs, **kwargs):
-    del duration_secs, kwargs
-    if event.startswith(COMPILE_PREFIX):
-      events.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield events
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _distill_config(arg, teacher_dir=None):
