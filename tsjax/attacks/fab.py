@@ -63,14 +63,44 @@ def _sorted_values(v, descending: bool = False):
 
   Sorts order-preserving integer images of the floats (one operand, no
   permutation): on XLA:CPU this is several times faster than ``argsort``."""
+  i = jax.lax.sort(_to_ordered_int(v), dimension=1)
+  out = _from_ordered_int(i, v.dtype)
+  return out[:, ::-1] if descending else out
+
+
+def _to_ordered_int(v):
+  """Order-preserving integer image of a float array, and its inverse."""
   bits = jnp.finfo(v.dtype).bits
   itype = {16: jnp.int16, 32: jnp.int32, 64: jnp.int64}[bits]
   flip = (1 << (bits - 1)) - 1
   i = jax.lax.bitcast_convert_type(v, itype)
-  i = i ^ ((i >> (bits - 1)) & flip)      # IEEE order -> integer order
-  i = jax.lax.sort(i, dimension=1)
-  out = jax.lax.bitcast_convert_type(i ^ ((i >> (bits - 1)) & flip), v.dtype)
-  return out[:, ::-1] if descending else out
+  return i ^ ((i >> (bits - 1)) & flip)
+
+
+def _from_ordered_int(i, dtype):
+  bits = jnp.finfo(dtype).bits
+  flip = (1 << (bits - 1)) - 1
+  return jax.lax.bitcast_convert_type(i ^ ((i >> (bits - 1)) & flip), dtype)
+
+
+def _bisect_threshold(test, lo, hi):
+  """Per row, the smallest float ``t`` in ``(lo, hi]`` with ``test(t)``
+  true, for a ``test`` monotone in ``t`` that is false at ``lo`` and true at
+  ``hi`` (rows where that does not hold get a value in ``[lo, hi]``).
+  Bisects the floats' order-preserving integer images: one ``test`` per bit
+  of the type, every float in between reachable."""
+  dtype = lo.dtype
+  ilo, ihi = _to_ordered_int(lo), _to_ordered_int(hi)
+
+  def step(_, bounds):
+    ilo, ihi = bounds
+    # Midpoint without overflow: floor((ilo + ihi) / 2).
+    mid = (ilo >> 1) + (ihi >> 1) + (ilo & ihi & 1)
+    ok = test(_from_ordered_int(mid, dtype))
+    return jnp.where(ok, ilo, mid), jnp.where(ok, mid, ihi)
+
+  _, ihi = jax.lax.fori_loop(0, jnp.finfo(dtype).bits, step, (ilo, ihi))
+  return _from_ordered_int(ihi, dtype)
 
 
 def _binary_search(step, n: int, D: int):
@@ -91,8 +121,10 @@ def _safe_div(num, den):
 # bisection with ceil(log2 D) steps, closed form on the bracketing segment,
 # the same case split). One implementation detail differs: the reference sorts
 # with a permutation and reads prefix sums over the sorted order from cumsums;
-# here only the breakpoint values are sorted and each prefix sum the bisection
-# needs is evaluated as a sum over {i : breakpoint_i beyond the threshold}.
+# here each prefix sum is evaluated as a sum over {i : breakpoint_i beyond the
+# threshold}, and the threshold is found without a permutation: l2 sorts the
+# breakpoint values only; linf sorts nothing and bisects over float values
+# (see projection_linf).
 # The two agree exactly in exact arithmetic (ties included: tied breakpoints
 # contribute nothing to the bisection's test values, and the final segment
 # never splits a tie) and to rounding in floating point; the sort without a
@@ -120,25 +152,27 @@ def projection_linf(points, w, b):
   aw = jnp.abs(w)
   b = b - jnp.sum(w * t, axis=1)   # required change of w . z (<= 0)
   b0 = jnp.sum(w * d, axis=1)      # the largest decrease the box allows
-  ps = _sorted_values(p, descending=True)
 
   def b2_at(tau):
     # The reference's sb[k] - s[k] * p_(k) at tau = p_(k): minus the decrease
     # of w . z reached when every coordinate moves min(p_i, tau).
     return b0 + jnp.sum(aw * jnp.maximum(p - tau[:, None], 0), axis=1)
 
-  c_l = b - b2_at(ps[:, -1]) > 0   # the plain linf-ball step fits in the box
+  c_l = b - b2_at(jnp.min(p, axis=1)) > 0   # the plain linf-ball step fits
   c2 = (b - b0 > 0) & ~c_l         # feasible, some coordinates hit the box
-
-  def search(_, bounds):
-    lb, ub = bounds
-    mid = (lb + ub) // 2
-    c = b - b2_at(_take(ps, mid)) > 0
-    return jnp.where(c, mid, lb), jnp.where(c, ub, mid)
-
-  lb, _ = _binary_search(search, n, D)
+  # The reference bisects over the sorted breakpoints for p_(lb), the
+  # smallest breakpoint at which b - b2_at > 0. In the c2 case that holds at
+  # max(p) (b2_at = b0) and not at min(p), and b2_at is non-increasing in tau,
+  # in floating point too (a fixed-order sum of terms each rounded
+  # monotonically). So p_(lb) is also the smallest p_i at or above the
+  # threshold where the test turns true, found by bisecting the float's
+  # order-preserving integer image: no sort (which cost ~85% of this function
+  # on XLA:CPU), the same breakpoint.
+  threshold = _bisect_threshold(lambda tau: b - b2_at(tau) > 0,
+                                jnp.min(p, axis=1), jnp.max(p, axis=1))
+  p_lb = jnp.min(jnp.where(p >= threshold[:, None], p, jnp.inf), axis=1)
   # Prefix sums over the sorted positions 0..lb (all p_i >= p_(lb)).
-  top = p >= _take(ps, lb)[:, None]
+  top = p >= p_lb[:, None]
   s_lb = jnp.sum(jnp.where(top, aw, 0), axis=1)
   sb_lb = b0 + jnp.sum(jnp.where(top, aw * p, 0), axis=1)
   s_all = jnp.sum(aw, axis=1)
