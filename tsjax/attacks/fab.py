@@ -69,7 +69,8 @@ def _sorted_values(v, descending: bool = False):
 
 
 def _to_ordered_int(v):
-  """Order-preserving integer image of a float array, and its inverse."""
+  """Order-preserving integer image of a float array (inverse:
+  ``_from_ordered_int``)."""
   bits = jnp.finfo(v.dtype).bits
   itype = {16: jnp.int16, 32: jnp.int32, 64: jnp.int64}[bits]
   flip = (1 << (bits - 1)) - 1
@@ -140,7 +141,6 @@ def projection_linf(points, w, b):
   gets closest to it. fra31/auto-attack's ``projection_linf``.
   """
   t = points
-  n, D = t.shape
   dt = t.dtype
   sign = jnp.where(jnp.sum(w * t, axis=1) - b >= 0, 1, -1).astype(w.dtype)
   w = w * sign[:, None]
