@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tsjax.models import (MobileNetV2, PreActResNet18, ResNet18, SmallCNN,
-                          WideResNet, check_input_shape, get_model,
-                          max_pool_2x2)
+from tsjax.models import (DMWideResNet, MobileNetV2, PreActResNet18,
+                          ResNet18, SmallCNN, WideResNet, check_input_shape,
+                          get_model, max_pool_2x2)
 
 F32 = jnp.float32
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -81,6 +81,10 @@ FULL_SIZE = [
      [(2, 32, 32, 160), (2, 16, 16, 320), (2, 8, 8, 640), (2, 640)]),
     ("wrn28_10", {}, 36_479_194,
      [(2, 32, 32, 160), (2, 16, 16, 320), (2, 8, 8, 640), (2, 640)]),
+    ("dm_wrn28_10", {}, 36_479_194,  # same layers as TRADES' WRN-28-10
+     [(2, 32, 32, 160), (2, 16, 16, 320), (2, 8, 8, 640), (2, 640)]),
+    ("dm_wrn70_16", {}, 266_796_506,
+     [(2, 32, 32, 256), (2, 16, 16, 512), (2, 8, 8, 1024), (2, 1024)]),
     ("mobilenet_v2", {}, 2_296_922,
      [(2, 32, 32, 32), (2, 32, 32, 144), (2, 16, 16, 192), (2, 8, 8, 384),
       (2, 8, 8, 576), (2, 4, 4, 960), (2, 4, 4, 960), (2, 4, 4, 1280),
@@ -181,6 +185,8 @@ SMALL = {
     "resnet18": lambda **kw: ResNet18(width=4, **kw),
     "wide_resnet": lambda **kw: WideResNet(depth=10, widen_factor=1, **kw),
     "mobilenet_v2": lambda **kw: MobileNetV2(**kw),
+    "dm_wide_resnet": lambda **kw: DMWideResNet(depth=10, widen_factor=1,
+                                                **kw),
 }
 X8 = images((4, 8, 8, 3), seed=3)
 
@@ -235,6 +241,55 @@ def test_batch_norm_momentum_matches_pytorch():
                              rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(stem["var"], 0.9 + 0.1 * h.var(axis=(0, 1, 2)),
                              rtol=1e-4, atol=1e-6)
+
+
+def test_dm_wide_resnet_batch_norm_momentum_and_normalisation():
+  """DM's decay 0.99 (running = 0.99 running + 0.01 batch), eps 1e-5, and
+  its default CIFAR-10 mean/std applied inside the model."""
+  variables = small_variables("dm_wide_resnet")
+  _, new = small_train("dm_wide_resnet")(variables, X8)
+  mean = jnp.asarray((0.4914, 0.4822, 0.4465), F32)
+  std = jnp.asarray((0.2471, 0.2435, 0.2616), F32)
+  kernel = variables["params"]["stem_conv"]["kernel"]
+  h = jax.lax.conv_general_dilated((X8 - mean) / std, kernel, (1, 1),
+                                   ((1, 1), (1, 1)),
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  bn = new["batch_stats"]["block1_0"]["bn1"]
+  np.testing.assert_allclose(bn["mean"], 0.01 * h.mean(axis=(0, 1, 2)),
+                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(bn["var"], 0.99 + 0.01 * h.var(axis=(0, 1, 2)),
+                             rtol=1e-4, atol=1e-6)
+  # bn_momentum=0.9 is PyTorch's default (RobustBench's port).
+  _, new = jit_apply(DMWideResNet(depth=10, widen_factor=1, bn_momentum=0.9),
+                     train=True, mutable=("batch_stats",))(variables, X8)
+  np.testing.assert_allclose(new["batch_stats"]["block1_0"]["bn1"]["mean"],
+                             0.1 * h.mean(axis=(0, 1, 2)), rtol=1e-4,
+                             atol=1e-6)
+  # The default normalisation == identity model fed normalised images.
+  plain = DMWideResNet(depth=10, widen_factor=1, mean=(0.0,), std=(1.0,))
+  (logits, _), _ = small_eval("dm_wide_resnet")(variables, X8)
+  np.testing.assert_allclose(jax.jit(plain.apply)(variables, (X8 - mean) / std),
+                             logits, rtol=1e-5, atol=1e-5)
+
+
+def test_dm_wide_resnet_padding_and_input_rule():
+  """``padding`` zero-pads the [0, 1] input before normalisation; sizes after
+  padding must be multiples of 4 (DM's stride-2 blocks need even maps)."""
+  model = DMWideResNet(depth=10, widen_factor=1, padding=2)
+  variables = small_variables("dm_wide_resnet")  # padding adds no variables
+  x = images((2, 4, 4, 3), seed=5)
+  padded = jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  (want, _), _ = small_eval("dm_wide_resnet")(variables, padded)
+  np.testing.assert_allclose(jax.jit(model.apply)(variables, x), want,
+                             rtol=1e-5, atol=1e-5)
+  check_input_shape(model, (28, 28, 3))
+  with pytest.raises(ValueError, match="padding=2.*multiples of 4.*34x34x3"):
+    check_input_shape(model, (30, 30, 3))
+  with pytest.raises(ValueError, match="multiples of 4.*30x30x3"):
+    check_input_shape("dm_wrn28_10", (30, 30, 3))
+  with pytest.raises(ValueError, match="HxWx3.*32x32x1"):
+    check_input_shape("dm_wrn70_16", (32, 32, 1))
+  check_input_shape("dm_wrn70_16", (32, 32, 1), mean=(0.5,), std=(0.5,))
 
 
 def test_wide_resnet_dropout_only_in_train_mode():
@@ -304,13 +359,17 @@ def test_return_hidden_entries_are_the_documented_activations(name):
   fc = variables["params"]["fc"]
   np.testing.assert_allclose(logits, hiddens[-1] @ fc["kernel"] + fc["bias"],
                              rtol=1e-5, atol=1e-5)
-  assert all(float(h.min()) >= 0 for h in hiddens)  # post-activation
+  if name == "dm_wide_resnet":  # post-Swish: >= min x*sigmoid(x) = -0.2785
+    assert all(float(h.min()) >= -0.2785 for h in hiddens)
+    assert any(float(h.min()) < 0 for h in hiddens)
+  else:
+    assert all(float(h.min()) >= 0 for h in hiddens)  # post-activation
   if name == "resnet18":  # stage outputs themselves (post-ReLU)
     assert len(hiddens) == 5
     for s in range(4):
       np.testing.assert_array_equal(hiddens[s],
                                     inter[f"layer{s + 1}_1"]["__call__"][0])
-  elif name in ("preact_resnet18", "wide_resnet"):
+  elif name in ("preact_resnet18", "wide_resnet", "dm_wide_resnet"):
     # A stage's entry is the next stage's first relu(bn1(.)) of its output.
     prefix, stages = (("layer", 4) if name == "preact_resnet18"
                       else ("block", 3))
@@ -349,6 +408,17 @@ def test_unknown_names_and_bad_options_raise_helpful_errors():
     SmallCNN(mean=(0.1, 0.2), std=(1.0, 1.0, 1.0))
   with pytest.raises(ValueError, match="activation"):
     MobileNetV2(activation="gelu")
+  with pytest.raises(ValueError, match="fixes depth.*'dm_wide_resnet'"):
+    get_model("dm_wrn28_10", depth=34)
+  with pytest.raises(ValueError, match="activation must be one of"):
+    get_model("dm_wrn70_16", activation="gelu")
+  with pytest.raises(ValueError, match="6n \\+ 4"):
+    DMWideResNet(depth=30)
+  with pytest.raises(ValueError, match="padding"):
+    DMWideResNet(padding=-1)
+  with pytest.raises(ValueError, match="no option.*'width'.*widen_factor"):
+    get_model("dm_wide_resnet", width=10)
+  assert get_model("dm_wrn106_16", num_classes=100).depth == 106
   assert isinstance(get_model("wide_resnet", depth=16, widen_factor=4),
                     WideResNet)
   assert get_model("mlp", widths=(4,), outputs=1).widths == (4,)

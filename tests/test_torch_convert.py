@@ -4,7 +4,9 @@ The PyTorch reference networks (tests/torch_nets.py) are written with the key
 names of the checkpoints the converter targets: kuangliu / RobustBench ``ResNet18``,
 Rice et al. / RobustBench ``PreActResNet18`` (final ``bn``; kuangliu's without),
 RobustBench / TRADES ``WideResNet`` (``block{g}.layer.{i}``, ``convShortcut``,
-optional unused ``sub_block1``) and the tsjax small CNN. They are randomly initialised with random BN
+optional unused ``sub_block1``), RobustBench's DeepMind ``DMWideResNet``
+(``layer.{g}.block.{i}``, Swish, asymmetric stride-2 padding, ``mean`` /
+``std`` buffers) and the tsjax small CNN. They are randomly initialised with random BN
 affine parameters *and* running statistics, converted, and their eval-mode
 logits compared with the tsjax models' at 1e-4 (float32). The equivalence
 tests use narrow variants (same code paths, same key names) to stay fast on
@@ -25,13 +27,14 @@ import pytest
 torch = pytest.importorskip("torch")
 tnn = torch.nn
 
-from tsjax.models import (PreActResNet18, compute_sha256,  # noqa: E402
-                          convert_state_dict, convert_torch_checkpoint,
-                          get_model, load_torch_state_dict,
-                          save_state_dict_npz, torch_state_dict_shapes)
+from tsjax.models import (CIFAR100_MEAN, CIFAR100_STD,  # noqa: E402
+                          PreActResNet18, compute_sha256, convert_state_dict,
+                          convert_torch_checkpoint, get_model,
+                          load_torch_state_dict, save_state_dict_npz,
+                          torch_state_dict_shapes)
 
-from torch_nets import (TorchResNet18, TorchSmallCNN,  # noqa: E402
-                        TorchWideResNet)
+from torch_nets import (TorchDMWideResNet, TorchResNet18,  # noqa: E402
+                        TorchSmallCNN, TorchWideResNet)
 
 F32 = jnp.float32
 
@@ -102,6 +105,21 @@ CASES = {
         lambda: TorchWideResNet(16, 2, 100, sub_block1=True), "wide_resnet",
         {"depth": 16, "widen_factor": 2, "num_classes": 100},
         (3, 32, 32, 3)),
+    # DeepMind WRN, n = 2 (stride-1 and stride-2 hand padding, identity and
+    # projection shortcuts), Swish, CIFAR-100 mean/std buffers, 100 classes.
+    "dm_wide_resnet-16-2": (
+        lambda: TorchDMWideResNet(100, 16, 2, "swish", CIFAR100_MEAN,
+                                  CIFAR100_STD),
+        "dm_wide_resnet", {"depth": 16, "widen_factor": 2, "num_classes": 100,
+                           "mean": CIFAR100_MEAN, "std": CIFAR100_STD},
+        (3, 32, 32, 3)),
+    # Width 1: the first block keeps 16 channels (identity shortcut at the
+    # first block); ReLU; 28x28 input padded by 2 inside the net.
+    "dm_wide_resnet-10-1-relu-pad2": (
+        lambda: TorchDMWideResNet(10, 10, 1, "relu", padding=2),
+        "dm_wide_resnet", {"depth": 10, "widen_factor": 1,
+                           "activation": "relu", "padding": 2},
+        (3, 28, 28, 3)),
 }
 
 
@@ -157,6 +175,12 @@ FULL = {
     "wrn34_10": (lambda: TorchWideResNet(34, 10), {}, 46_160_474),
     "wrn28_10": (lambda: TorchWideResNet(28, 10), {}, 36_479_194),
     "small_cnn": (lambda: TorchSmallCNN(), {}, 545_098),
+    "dm_wrn28_10": (lambda: TorchDMWideResNet(depth=28, width=10), {},
+                    36_479_194),
+    "dm_wrn70_16": (lambda: TorchDMWideResNet(depth=70, width=16), {},
+                    266_796_506),
+    "dm_wrn106_16": (lambda: TorchDMWideResNet(depth=106, width=16), {},
+                     415_475_162),
 }
 
 
@@ -175,6 +199,8 @@ def test_full_size_key_names_and_shapes(case):
     pytest.param("resnet18", marks=pytest.mark.slow),
     "preact_resnet18",  # ~4 s on 2 CPU cores
     pytest.param("wrn34_10", marks=pytest.mark.slow),  # ~11 s
+    "dm_wrn28_10",  # ~4 s
+    pytest.param("dm_wrn70_16", marks=pytest.mark.slow),  # ~30 s
 ])
 def test_full_size_logits_match_pytorch(case):
   make, kwargs, _ = FULL[case]
@@ -342,3 +368,86 @@ def test_tsjax_models_import_does_not_import_torch():
           "assert 'torch' not in sys.modules")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+# ------------------------------------------------ DeepMind WRN specifics
+@pytest.fixture(scope="module")
+def dm_sd():
+  """State dict of a DeepMind WRN-10-1 (CIFAR-10 mean/std buffers), numpy."""
+  net = randomise(TorchDMWideResNet(10, 10, 1), seed=13)
+  return {k: v.numpy().copy() for k, v in net.state_dict().items()}
+
+
+def test_dm_key_errors(dm_sd):
+  kw = dict(depth=10, widen_factor=1)
+  sd = dict(dm_sd)
+  del sd["layer.1.block.0.shortcut.weight"], sd["batchnorm.running_var"]
+  sd["layer.0.block.0.shortcut.weight"] = np.zeros((16, 16, 1, 1), np.float32)
+  with pytest.raises(ValueError) as e:
+    convert_state_dict(sd, "dm_wide_resnet", **kw)
+  msg = str(e.value)
+  assert "'dm_wide_resnet' model DMWideResNet(depth=10, widen_factor=1" in msg
+  assert ("2 missing key(s): [batchnorm.running_var, "
+          "layer.1.block.0.shortcut.weight]") in msg
+  assert "1 unexpected key(s): [layer.0.block.0.shortcut.weight]" in msg
+  # Shape mismatches name both shapes; the hint names the checkpoint's size.
+  with pytest.raises(ValueError) as e:
+    convert_state_dict(dm_sd, "dm_wrn28_10")
+  msg = str(e.value)
+  assert ("init_conv.weight" not in msg and "layer.0.block.0.conv_0.weight: "
+          "checkpoint (16, 16, 3, 3) vs expected (160, 16, 3, 3)") in msg
+  assert "looks like DMWideResNet-10-1" in msg
+  assert "missing key(s)" in msg  # WRN-28 has more blocks
+  # The other WideResNet's keys, both ways round.
+  with pytest.raises(ValueError, match="try 'dm_wrn28_10'"):
+    convert_state_dict(dm_sd, "wide_resnet", **kw)
+  with pytest.raises(ValueError, match="try 'wrn34_10'"):
+    convert_state_dict(meta_free(TorchWideResNet(10, 1)), "dm_wide_resnet",
+                       **kw)
+
+
+def test_dm_normalisation_buffers(dm_sd):
+  kw = dict(depth=10, widen_factor=1)
+  with pytest.raises(ValueError) as e:
+    convert_state_dict(dm_sd, "dm_wide_resnet", mean=CIFAR100_MEAN,
+                       std=CIFAR100_STD, **kw)
+  msg = str(e.value)
+  assert "normalisation buffers" in msg and "differ from the mean/std" in msg
+  assert "pass mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, " in msg
+  with pytest.raises(ValueError, match="differ from the mean/std"):
+    convert_state_dict(dm_sd, "dm_wide_resnet", mean=(0.0,), std=(1.0,), **kw)
+  # Buffers absent (some RobustBench files): the model's fields are used.
+  no_buffers = {k: v for k, v in dm_sd.items() if k not in ("mean", "std")}
+  ref = convert_state_dict(dm_sd, "dm_wide_resnet", **kw)
+  got = convert_state_dict(no_buffers, "dm_wide_resnet", mean=CIFAR100_MEAN,
+                           std=CIFAR100_STD, **kw)
+  jax.tree.map(np.testing.assert_array_equal, got, ref)
+  # ... or dropped on request.
+  convert_state_dict(dm_sd, "dm_wide_resnet", mean=(0.0,), std=(1.0,),
+                     ignore=("mean", "std"), **kw)
+  shapes = torch_state_dict_shapes("dm_wide_resnet", **kw)
+  assert shapes["mean"] == shapes["std"] == (3, 1, 1)
+
+
+def test_dm_checkpoint_sha256_and_mean_std_from_buffers(tmp_path):
+  """A CIFAR-100 DM checkpoint: verified, converted, and the model built
+  with the buffers' mean/std when none are given."""
+  net = randomise(TorchDMWideResNet(100, 10, 1, "swish", CIFAR100_MEAN,
+                                    CIFAR100_STD), seed=17)
+  path = tmp_path / "dm.pt"
+  torch.save({"model_state_dict": net.state_dict()}, path)
+  digest = compute_sha256(path)
+  kw = dict(depth=10, widen_factor=1, num_classes=100)
+  model, params, state = convert_torch_checkpoint(path, "dm_wide_resnet",
+                                                  sha256=digest, **kw)
+  assert tuple(model.mean) == CIFAR100_MEAN and tuple(model.std) == (
+      CIFAR100_STD)
+  x = nhwc_images((2, 32, 32, 3), seed=4)
+  assert_logits_close(flax_logits(model, params, state, x),
+                      torch_logits(net, x))
+  with pytest.raises(ValueError, match="SHA-256 mismatch"):
+    convert_torch_checkpoint(path, "dm_wide_resnet", sha256="0" * 64, **kw)
+  # Explicit mean/std are checked, not overridden.
+  with pytest.raises(ValueError, match="normalisation buffers"):
+    convert_torch_checkpoint(path, "dm_wide_resnet", mean=(0.5,),
+                             std=(0.5,), **kw)

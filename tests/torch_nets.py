@@ -1,7 +1,8 @@
 """PyTorch reference networks, layer for layer the tsjax models, with the key
 names of the checkpoints ``tsjax.models.torch_convert`` reads (kuangliu /
 RobustBench ``ResNet18``, Rice et al. / RobustBench ``PreActResNet18``,
-RobustBench / TRADES ``WideResNet``, the tsjax small CNN).
+RobustBench / TRADES ``WideResNet``, RobustBench's DeepMind ``DMWideResNet``,
+the tsjax small CNN).
 
 One copy, shared by tests/test_torch_convert.py (converted logits against
 these) and the benchmarks that time tsjax against PyTorch eager
@@ -11,7 +12,9 @@ torch.
 
 ``mean`` / ``std`` (optional) normalise the input inside the network, as the
 tsjax models do with ``normalize=True``; they are non-persistent buffers, so
-the state_dict keys are the same with or without them.
+the state_dict keys are the same with or without them. ``TorchDMWideResNet``
+is the exception, as in DM's code: its ``mean`` / ``std`` are persistent
+buffers (state_dict keys ``mean`` / ``std``, shape ``[C, 1, 1]``).
 """
 
 from __future__ import annotations
@@ -211,3 +214,84 @@ class TorchWideResNet(tnn.Module):
     out = self.block3(self.block2(self.block1(self.conv1(x))))
     out = self.relu(self.bn1(out))
     return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class TorchSwish(tnn.Module):
+  """``x * sigmoid(x)`` (RobustBench's ``Swish``; ``nn.SiLU`` in value)."""
+
+  def forward(self, x):
+    return x * torch.sigmoid(x)
+
+
+class TorchDMBlock(tnn.Module):
+  """RobustBench / DM ``_Block``: pre-activation, hand padding before the
+  first conv ((1, 1) at stride 1, (0, 1) at stride 2), a 1x1 projection of the
+  activated input when the width changes, else the raw input."""
+
+  def __init__(self, in_planes, out_planes, stride, act):
+    super().__init__()
+    self.batchnorm_0 = tnn.BatchNorm2d(in_planes)
+    self.relu_0 = act()
+    self.conv_0 = tnn.Conv2d(in_planes, out_planes, 3, stride, 0, bias=False)
+    self.batchnorm_1 = tnn.BatchNorm2d(out_planes)
+    self.relu_1 = act()
+    self.conv_1 = tnn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+    self.has_shortcut = in_planes != out_planes
+    self.shortcut = (tnn.Conv2d(in_planes, out_planes, 1, stride, 0,
+                                bias=False) if self.has_shortcut else None)
+    self.stride = stride
+
+  def forward(self, x):
+    a = self.relu_0(self.batchnorm_0(x))
+    pad = (1, 1, 1, 1) if self.stride == 1 else (0, 1, 0, 1)
+    out = self.conv_0(F.pad(a, pad))
+    out = self.conv_1(self.relu_1(self.batchnorm_1(out)))
+    return out + (self.shortcut(a) if self.has_shortcut else x)
+
+
+class TorchDMBlockGroup(tnn.Module):
+
+  def __init__(self, num_blocks, in_planes, out_planes, stride, act):
+    super().__init__()
+    self.block = tnn.Sequential(*[
+        TorchDMBlock(in_planes if i == 0 else out_planes, out_planes,
+                     stride if i == 0 else 1, act)
+        for i in range(num_blocks)])
+
+  def forward(self, x):
+    return self.block(x)
+
+
+class TorchDMWideResNet(tnn.Module):
+  """RobustBench ``DMWideResNet`` (DeepMind's WRN): ``mean`` / ``std``
+  buffers, optional input ``padding``, stem ``init_conv``, groups
+  ``layer.{0,1,2}``, final ``batchnorm``, ``avg_pool2d(8)`` (so 32x32 inputs
+  after padding), ``logits``. ``activation``: ``"swish"`` or ``"relu"``."""
+
+  def __init__(self, num_classes=10, depth=28, width=10, activation="swish",
+               mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616),
+               padding=0, in_channels=3):
+    super().__init__()
+    act = {"swish": TorchSwish, "relu": tnn.ReLU}[activation]
+    self.register_buffer("mean", torch.tensor(mean).view(in_channels, 1, 1))
+    self.register_buffer("std", torch.tensor(std).view(in_channels, 1, 1))
+    self.padding = padding
+    ch = [16, 16 * width, 32 * width, 64 * width]
+    n = (depth - 4) // 6
+    self.init_conv = tnn.Conv2d(in_channels, ch[0], 3, 1, 1, bias=False)
+    self.layer = tnn.Sequential(
+        TorchDMBlockGroup(n, ch[0], ch[1], 1, act),
+        TorchDMBlockGroup(n, ch[1], ch[2], 2, act),
+        TorchDMBlockGroup(n, ch[2], ch[3], 2, act))
+    self.batchnorm = tnn.BatchNorm2d(ch[3])
+    self.relu = act()
+    self.logits = tnn.Linear(ch[3], num_classes)
+    self.num_channels = ch[3]
+
+  def forward(self, x):
+    if self.padding > 0:
+      x = F.pad(x, (self.padding,) * 4)
+    out = self.init_conv((x - self.mean) / self.std)
+    out = self.relu(self.batchnorm(self.layer(out)))
+    out = F.avg_pool2d(out, 8)
+    return self.logits(out.view(-1, self.num_channels))

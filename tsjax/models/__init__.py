@@ -10,6 +10,12 @@ Registry names (``get_model(name, **kwargs)``):
   ``wrn34_10``         WideResNet with depth=34, widen_factor=10 fixed
   ``wrn28_10``         WideResNet with depth=28, widen_factor=10 fixed
   ``mobilenet_v2``     MobileNetV2(num_classes, mean, std, activation)
+  ``dm_wide_resnet``   DMWideResNet(depth, widen_factor, num_classes, mean, std,
+                       activation, padding, bn_momentum): DeepMind's WRN
+                       (Gowal et al. 2020 / Rebuffi et al. 2021, RobustBench
+                       ``DMWideResNet``; Swish, CIFAR-10 mean/std by default)
+  ``dm_wrn28_10``, ``dm_wrn34_10``, ``dm_wrn34_20``, ``dm_wrn70_16``,
+  ``dm_wrn106_16``     DMWideResNet with depth / widen_factor fixed
 
 Every image model also takes ``dtype`` / ``param_dtype``, expects NHWC float
 images in [0, 1] (normalised inside with ``mean`` / ``std``) and is called as
@@ -19,10 +25,11 @@ model, shape)`` raises a ValueError naming the expected HxWxC when a model
 cannot take a shape, before anything is traced.
 
 PyTorch checkpoints (RobustBench / TRADES / kuangliu key names) of
-``resnet18``, ``preact_resnet18``, ``wrn*`` / ``wide_resnet`` and ``small_cnn``
-convert with ``load_torch_state_dict`` + ``convert_state_dict`` (or
-``convert_torch_checkpoint``); see ``tsjax.models.torch_convert``. PyTorch is
-imported only when a ``.pt`` file is loaded.
+``resnet18``, ``preact_resnet18``, ``wrn*`` / ``wide_resnet``, ``dm_wrn*`` /
+``dm_wide_resnet`` and ``small_cnn`` convert with ``load_torch_state_dict`` +
+``convert_state_dict`` (or ``convert_torch_checkpoint``); see
+``tsjax.models.torch_convert``. PyTorch is imported only when a ``.pt`` file is
+loaded.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 
 from tsjax.models.cnn import SmallCNN, max_pool_2x2
+from tsjax.models.dm_wide_resnet import (CIFAR10_MEAN, CIFAR10_STD,
+                                         CIFAR100_MEAN, CIFAR100_STD,
+                                         DMWideResNet)
 from tsjax.models.mlp import MLP, student_widths, check_student_widths
 from tsjax.models.mobilenet import MobileNetV2
 from tsjax.models.resnet import PreActResNet18, ResNet18
@@ -44,14 +54,15 @@ from tsjax.models.torch_convert import (compute_sha256, convert_state_dict,
                                         torch_state_dict_shapes)
 
 
-def _preset(cls, **fixed) -> Callable[..., nn.Module]:
-  """A constructor for ``cls`` with some fields fixed (overriding them fails)."""
+def _preset(cls, general: str, **fixed) -> Callable[..., nn.Module]:
+  """A constructor for ``cls`` with some fields fixed (overriding them fails;
+  the error points to the registry name ``general`` that takes them)."""
 
   def build(**kwargs):
     clash = sorted(set(kwargs) & set(fixed))
     if clash:
       raise ValueError(f"this preset fixes {', '.join(clash)} "
-                       f"({fixed}); use 'wide_resnet' to choose them")
+                       f"({fixed}); use {general!r} to choose them")
     return cls(**fixed, **kwargs)
 
   build.model_class = cls
@@ -65,9 +76,13 @@ REGISTRY = {
     "preact_resnet18": PreActResNet18,
     "resnet18": ResNet18,
     "wide_resnet": WideResNet,
-    "wrn34_10": _preset(WideResNet, depth=34, widen_factor=10),
-    "wrn28_10": _preset(WideResNet, depth=28, widen_factor=10),
+    "wrn34_10": _preset(WideResNet, "wide_resnet", depth=34, widen_factor=10),
+    "wrn28_10": _preset(WideResNet, "wide_resnet", depth=28, widen_factor=10),
     "mobilenet_v2": MobileNetV2,
+    "dm_wide_resnet": DMWideResNet,
+    **{f"dm_wrn{d}_{k}": _preset(DMWideResNet, "dm_wide_resnet", depth=d,
+                                 widen_factor=k)
+       for d, k in ((28, 10), (34, 10), (34, 20), (70, 16), (106, 16))},
 }
 
 
@@ -104,6 +119,9 @@ def check_input_shape(model: str | nn.Module, shape: Sequence[int],
   * ``preact_resnet18``, ``resnet18``, ``mobilenet_v2``: H, W >= 8 (their total
     stride), designed for 32x32x3;
   * ``wide_resnet`` / ``wrn*``: H, W >= 4 (total stride), designed for 32x32x3;
+  * ``dm_wide_resnet`` / ``dm_wrn*``: H + 2 * padding and W + 2 * padding
+    multiples of 4, designed for 32x32x3 (3 channels with the default
+    CIFAR-10 mean / std);
   * every image model: C equals the number of per-channel ``mean`` / ``std``
     entries when they have more than one.
   """
@@ -126,7 +144,8 @@ def check_input_shape(model: str | nn.Module, shape: Sequence[int],
 
 __all__ = [
     "MLP", "SmallCNN", "PreActResNet18", "ResNet18", "WideResNet",
-    "MobileNetV2", "REGISTRY", "get_model", "check_input_shape",
+    "MobileNetV2", "DMWideResNet", "CIFAR10_MEAN", "CIFAR10_STD",
+    "CIFAR100_MEAN", "CIFAR100_STD", "REGISTRY", "get_model", "check_input_shape",
     "max_pool_2x2", "student_widths", "check_student_widths",
     "compute_sha256", "load_torch_state_dict", "save_state_dict_npz",
     "convert_state_dict", "convert_torch_checkpoint",

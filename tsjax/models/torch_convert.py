@@ -21,6 +21,13 @@ the PyTorch key names they expect (``s`` = 1..4, ``g`` = 1..3, ``i`` = block):
     ``wide_resnet`` WideResNet   block{g}.layer.0.convShortcut, bn1, fc
                                  (TRADES / RobustBench ``WideResNet``; TRADES'
                                  unused ``sub_block1.*`` keys are dropped)
+  ``dm_wrn28_10``,               init_conv, layer.{g-1}.block.{i}.{batchnorm_0,
+    ``dm_wrn70_16`` (also        conv_0, batchnorm_1, conv_1},
+    ``dm_wrn34_10``,             layer.{g-1}.block.0.shortcut (where the width
+    ``dm_wrn34_20``,             changes), batchnorm, logits; optional buffers
+    ``dm_wrn106_16``),           mean, std ``[C, 1, 1]`` (RobustBench
+    ``dm_wide_resnet``           ``DMWideResNet``: Gowal et al. 2020, Rebuffi
+    DMWideResNet                 et al. 2021 and the models built on their code)
   ``small_cnn`` SmallCNN         conv1, conv2 (, conv3, ...), fc1, fc
 
 Conversion rules: conv weights OIHW -> HWIO, linear weights ``(out, in)`` ->
@@ -30,8 +37,17 @@ Conversion rules: conv weights OIHW -> HWIO, linear weights ``(out, in)`` ->
 from PyTorch's ``(c, h, w)`` flatten order to the NHWC ``(h, w, c)`` order,
 which needs the input's height and width (``input_shape``; inferred from
 ``fc1`` for square inputs). Values are cast to the model's ``param_dtype``.
-The tsjax batch norms use PyTorch's epsilon (1e-5; momentum 0.9 = PyTorch's
-0.1), so eval-mode outputs agree to float32 rounding.
+The tsjax batch norms use PyTorch's epsilon (1e-5), so eval-mode outputs agree
+to float32 rounding (momentum only matters in training: 0.9 = PyTorch's 0.1,
+DMWideResNet 0.99 = DM's training decay).
+
+DeepMind's WideResNet keeps its normalisation in the state_dict as buffers
+``mean`` / ``std``. They are optional (some RobustBench files lack them) but,
+when present, must equal the model's ``mean`` / ``std`` fields (default DM's
+CIFAR-10 values) to 1e-6 relative, else a ValueError names both and the
+option to pass (CIFAR-100 checkpoints need ``CIFAR100_MEAN`` /
+``CIFAR100_STD``); ``convert_torch_checkpoint`` with a registry name and no
+``mean`` / ``std`` takes them from the buffers.
 
 Matching is strict: any missing key, unexpected key or shape mismatch raises a
 ValueError that names the model, its parameter count and every offending key
@@ -76,11 +92,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsjax.models.cnn import SmallCNN
+from tsjax.models.dm_wide_resnet import DMWideResNet
 from tsjax.models.resnet import PreActResNet18, ResNet18
 from tsjax.models.wide_resnet import WideResNet
 
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net")
-SUPPORTED = (ResNet18, PreActResNet18, WideResNet, SmallCNN)
+SUPPORTED = (ResNet18, PreActResNet18, WideResNet, DMWideResNet, SmallCNN)
+# DMWideResNet's normalisation buffers: optional, checked against the model.
+NORM_BUFFERS = ("mean", "std")
 _MAX_LISTED = 25
 
 
@@ -245,6 +264,15 @@ def _torch_prefix(model: nn.Module, path: tuple[str, ...]) -> str:
     if len(path) == 2 and m:
       sub = {"shortcut_conv": "convShortcut"}.get(path[1], path[1])
       return f"block{m[1]}.layer.{m[2]}.{sub}"
+  elif isinstance(model, DMWideResNet):
+    top = {"stem_conv": "init_conv", "final_bn": "batchnorm", "fc": "logits"}
+    if len(path) == 1 and path[0] in top:
+      return top[path[0]]
+    m = re.fullmatch(r"block(\d+)_(\d+)", path[0])
+    sub = {"bn1": "batchnorm_0", "conv1": "conv_0", "bn2": "batchnorm_1",
+           "conv2": "conv_1", "shortcut_conv": "shortcut"}
+    if len(path) == 2 and m and path[1] in sub:
+      return f"layer.{int(m[1]) - 1}.block.{m[2]}.{sub[path[1]]}"
   raise AssertionError(f"no PyTorch name for {type(model).__name__} "
                        f"submodule {'/'.join(path)}")
 
@@ -254,6 +282,7 @@ def _describe(model: nn.Module, name: str | None = None) -> str:
       ResNet18: ("num_classes", "width"),
       PreActResNet18: ("num_classes", "width", "final_bn"),
       WideResNet: ("depth", "widen_factor", "num_classes"),
+      DMWideResNet: ("depth", "widen_factor", "num_classes", "activation"),
       SmallCNN: ("num_classes", "features", "hidden"),
   }
   cls = type(model)
@@ -281,7 +310,8 @@ def _check_supported(model: nn.Module, name: str | None) -> None:
     raise ValueError(
         f"no PyTorch converter for {name or type(model).__name__}; supported: "
         f"'resnet18', 'preact_resnet18', 'wrn34_10' / 'wrn28_10' / "
-        f"'wide_resnet', 'small_cnn'")
+        f"'wide_resnet', 'dm_wrn28_10' / 'dm_wrn70_16' / ... / "
+        f"'dm_wide_resnet', 'small_cnn'")
 
 
 def _input_shape(model: nn.Module, input_shape, state_dict=None):
@@ -352,13 +382,19 @@ def torch_state_dict_shapes(model: str | nn.Module, *,
                             **model_kwargs) -> dict[str, tuple[int, ...]]:
   """``{PyTorch key: shape}`` a checkpoint for ``model`` must contain.
 
-  ``num_batches_tracked`` buffers (optional) are not listed. ``input_shape``
-  as for ``convert_state_dict`` (default 32x32, C from ``mean``/``std`` or 3).
+  ``num_batches_tracked`` buffers (optional) are not listed; DMWideResNet's
+  ``mean`` / ``std`` buffers (optional too) are, as ``(C, 1, 1)``.
+  ``input_shape`` as for ``convert_state_dict`` (default 32x32, C from
+  ``mean``/``std`` or 3).
   """
   model, name = _build_model(model, model_kwargs)
   _check_supported(model, name)
-  entries, _ = _spec(model, _input_shape(model, input_shape))
-  return {key: tshape for key, _, _, _, tshape, _ in entries}
+  shape_in = _input_shape(model, input_shape)
+  entries, _ = _spec(model, shape_in)
+  shapes = {key: tshape for key, _, _, _, tshape, _ in entries}
+  if isinstance(model, DMWideResNet):
+    shapes.update({k: (shape_in[-1], 1, 1) for k in NORM_BUFFERS})
+  return shapes
 
 
 def _convert_value(value: np.ndarray, kind: str, model: nn.Module,
@@ -421,6 +457,21 @@ def _hints(model: nn.Module, name: str | None, sd: dict, missing: set,
       if (depth, k) != (model.depth, model.widen_factor):
         hints.append(f"the checkpoint looks like WideResNet-{depth}-{k}: use "
                      f"'wide_resnet' with depth={depth}, widen_factor={k}")
+  if isinstance(model, DMWideResNet):
+    blocks = {int(m[1]) for k in sd
+              if (m := re.match(r"layer\.0\.block\.(\d+)\.", k))}
+    w = sd.get("layer.0.block.0.conv_0.weight")
+    if blocks and w is not None and w.ndim == 4 and w.shape[0] % 16 == 0:
+      depth, k = 6 * (max(blocks) + 1) + 4, w.shape[0] // 16
+      if (depth, k) != (model.depth, model.widen_factor):
+        hints.append(f"the checkpoint looks like DMWideResNet-{depth}-{k}: "
+                     f"use 'dm_wide_resnet' with depth={depth}, "
+                     f"widen_factor={k}")
+  elif any(k == "init_conv.weight" or k.startswith("layer.0.block.")
+           for k in unexpected):
+    hints.append("'init_conv' / 'layer.*.block.*' keys are DeepMind's "
+                 "WideResNet's (RobustBench DMWideResNet): try "
+                 "'dm_wrn28_10', 'dm_wrn70_16' or 'dm_wide_resnet'")
   if isinstance(model, SmallCNN) and "fc1.weight" in shapes:
     hints.append("SmallCNN's fc1 size depends on the input size: pass "
                  "input_shape=(H, W, C) of the images the network was "
@@ -432,11 +483,44 @@ def _hints(model: nn.Module, name: str | None, sd: dict, missing: set,
       k.startswith("block1.layer.") for k in unexpected):
     hints.append("'block*.layer.*' keys are a WideResNet's: try 'wrn34_10' "
                  "or 'wide_resnet'")
-  if isinstance(model, WideResNet) and any(
+  if isinstance(model, (WideResNet, DMWideResNet)) and any(
       k.startswith("layer1.") for k in unexpected):
     hints.append("'layer*.*' keys are a ResNet's: try 'resnet18' or "
                  "'preact_resnet18'")
   return hints
+
+
+def _buffer_values(value: np.ndarray) -> tuple[float, ...]:
+  """A ``[C, 1, 1]`` buffer as floats, each the shortest decimal that rounds
+  to the stored float32 (``0.4914``, not ``0.49140000343...``)."""
+  flat = np.asarray(value).reshape(-1)
+  if flat.dtype == np.float32:
+    return tuple(float(str(v)) for v in flat)
+  return tuple(float(v) for v in flat)
+
+
+def _check_norm_buffers(model: nn.Module, name: str | None,
+                        norm: Mapping[str, np.ndarray]) -> None:
+  """Checkpoint ``mean`` / ``std`` buffers == the model's fields (rtol 1e-6)."""
+  bad = []
+  for key in NORM_BUFFERS:
+    if key not in norm:
+      continue
+    got = np.asarray(norm[key], np.float64).reshape(-1)
+    want = np.asarray(getattr(model, key), np.float64).reshape(-1)
+    if want.size not in (1, got.size) or got.size == 0 or not np.allclose(
+        got, np.broadcast_to(want, got.shape), rtol=1e-6, atol=0.0):
+      bad.append(key)
+  if bad:
+    found = ", ".join(f"{k}={_buffer_values(norm[k])}" for k in NORM_BUFFERS
+                      if k in norm)
+    raise ValueError(
+        f"the state_dict's normalisation buffers ({found}) differ from the "
+        f"{'/'.join(bad)} of {_describe(model, name)} (mean={tuple(model.mean)},"
+        f" std={tuple(model.std)}); build the model with the checkpoint's "
+        f"values: pass {found} (RobustBench's DM CIFAR-100 models use "
+        f"CIFAR100_MEAN / CIFAR100_STD), or drop the buffers with "
+        f"ignore=('mean', 'std') if the model normalises otherwise")
 
 
 def convert_state_dict(state_dict: Mapping, model: str | nn.Module, *,
@@ -462,7 +546,8 @@ def convert_state_dict(state_dict: Mapping, model: str | nn.Module, *,
       size that fits ``fc1.weight``.
     ignore: key names or prefixes (ending in ``.``) to drop before matching,
       e.g. a normalising wrapper's buffers. WideResNets always drop TRADES'
-      unused ``sub_block1.``.
+      unused ``sub_block1.``. DMWideResNet's ``mean`` / ``std`` buffers are
+      checked against the model's fields (see the module docstring).
     strip_prefixes: as for ``load_torch_state_dict``.
 
   Returns:
@@ -473,7 +558,8 @@ def convert_state_dict(state_dict: Mapping, model: str | nn.Module, *,
   Raises:
     ValueError: listing missing keys, unexpected keys and shape mismatches
       (PyTorch's shape vs the expected one), naming the model and its
-      parameter count, with hints for likely wrong options.
+      parameter count, with hints for likely wrong options; or naming
+      DMWideResNet normalisation buffers that differ from ``mean`` / ``std``.
   """
   model, name = _build_model(model, model_kwargs)
   _check_supported(model, name)
@@ -483,6 +569,8 @@ def convert_state_dict(state_dict: Mapping, model: str | nn.Module, *,
   sd = {k: v for k, v in sd.items()
         if not any(k == d or (d.endswith(".") and k.startswith(d))
                    for d in drop)}
+  norm = ({k: sd.pop(k) for k in NORM_BUFFERS if k in sd}
+          if isinstance(model, DMWideResNet) else {})
   shape_in = _input_shape(model, input_shape, sd)
   entries, abstract = _spec(model, shape_in)
   expected = {e[0]: e for e in entries}
@@ -521,6 +609,7 @@ def convert_state_dict(state_dict: Mapping, model: str | nn.Module, *,
     if hints:
       parts.insert(1, "hint: " + "; ".join(hints))
     raise ValueError("\n".join(parts))
+  _check_norm_buffers(model, name, norm)
 
   variables: dict = {}
   for key, collection, path, kind, _, leaf in entries:
@@ -552,10 +641,19 @@ def convert_torch_checkpoint(path: str | os.PathLike, model: str | nn.Module,
 
   Returns ``(model, params, model_state)`` with ``model`` the Flax module
   (built from the registry name and ``model_kwargs``, or the one passed).
+  A DMWideResNet built from a registry name without ``mean`` / ``std`` takes
+  them from the checkpoint's ``mean`` / ``std`` buffers when it has both
+  (else DM's CIFAR-10 defaults).
   """
   sd = load_torch_state_dict(path, sha256, strip_prefixes=strip_prefixes,
                              weights_only=weights_only)
   module, _ = _build_model(model, model_kwargs)
+  if (isinstance(model, str) and isinstance(module, DMWideResNet)
+      and not set(NORM_BUFFERS) & set(model_kwargs)
+      and all(k in sd and k not in ignore for k in NORM_BUFFERS)):
+    model_kwargs = dict(model_kwargs, **{k: _buffer_values(sd[k])
+                                         for k in NORM_BUFFERS})
+    module, _ = _build_model(model, model_kwargs)
   params, state = convert_state_dict(
       sd, model, input_shape=input_shape, ignore=ignore,
       strip_prefixes=strip_prefixes, **model_kwargs)
