@@ -10,7 +10,7 @@ uint8 images (converted to [0, 1] floats inside the step), 10 classes,
 CIFAR-10 mean / std normalisation inside the model.
 
 * tsjax: the train step is built exactly as ``experiments/train.py`` builds
-  it, ``clf.jit_train_step(with_augmentation(build_method(config, model),
+  it, ``clf.jit_train_step(with_augmentation(method_loss(config, model),
   config, 10), optimizer)`` with ``config.augment = ""`` (no augmentation) and
   ``clf.make_optimizer(config.train, ...)``; the state is donated each step.
 * PyTorch: an eager implementation written here with the same architectures
@@ -95,7 +95,7 @@ from _common import (loadavg, machine_info, merge_rows,  # noqa: E402
                      open_results, write_results)
 from tests.torch_nets import TorchResNet18, TorchSmallCNN  # noqa: E402
 from configs.adv_train import get_config  # noqa: E402
-from experiments.train import build_method, validate, with_augmentation  # noqa: E402
+from experiments.train import attack_spec, method_loss, validate, with_augmentation  # noqa: E402
 from tsjax import models  # noqa: E402
 from tsjax.data import images  # noqa: E402
 from tsjax.train import TrainState  # noqa: E402
@@ -271,7 +271,7 @@ def build_tsjax(model_name, mean, std, dtype, key):
   k_init, k_train = jax.random.split(key)
   params, model_state = clf.init_model(model, k_init, IMAGE_SHAPE)
   step = clf.jit_train_step(
-      with_augmentation(build_method(config, model), config, NUM_CLASSES),
+      with_augmentation(method_loss(config, model), config, NUM_CLASSES),
       optimizer)
   # A fresh state per call: the step donates (deletes) its input state.
   make_state = lambda: TrainState.create(
@@ -438,7 +438,7 @@ def breakdown(model_name, model, params, model_state, tstep, x_u8_j, y_j,
     return vjp(jnp.ones_like(vals))[0]
 
   def full_attack(x):
-    return ce_attack(model, params, model_state, x, y_j, key, attack)
+    return ce_attack(model, params, model_state, x, y_j, key, attack)[0]
 
   def train_grad(x):
     def l(p):
@@ -507,12 +507,7 @@ def bench_model(name, args, torch_device) -> dict:
   t0 = time.perf_counter()
   config, model, params, model_state, step, make_state = build_tsjax(
       name, mean, std, dtype, key)
-  attack_cfg = config.method.attack
-  from tsjax.methods.common import ImageAttack
-  attack = ImageAttack(norm=attack_cfg.norm, eps=attack_cfg.eps,
-                       step_size=attack_cfg.step_size,
-                       steps=int(attack_cfg.steps),
-                       bn_mode=attack_cfg.bn_mode)
+  attack = attack_spec(config)
 
   rng = np.random.default_rng(args.seed)
   imgs = rng.integers(0, 256, (args.batch, *IMAGE_SHAPE), dtype=np.uint8)

@@ -80,7 +80,7 @@ import torch.nn.functional as F  # noqa: E402
 import adv_train_step as bench  # noqa: E402
 from tsjax import losses  # noqa: E402
 from tsjax.data import images  # noqa: E402
-from tsjax.methods.common import ImageAttack, ce_attack  # noqa: E402
+from tsjax.methods.common import ce_attack  # noqa: E402
 from tsjax.models import max_pool_2x2  # noqa: E402
 
 
@@ -153,9 +153,7 @@ def profile_model(name, args, torch_device) -> dict:
   mean, std = images._STATS["cifar10"]
   config, model, params, model_state, step, make_state = bench.build_tsjax(
       name, mean, std, "float32", jax.random.key(args.seed))
-  a = config.method.attack
-  attack = ImageAttack(norm=a.norm, eps=a.eps, step_size=a.step_size,
-                       steps=int(a.steps), bn_mode=a.bn_mode)
+  attack = bench.attack_spec(config)
   rng = np.random.default_rng(args.seed)
   imgs = rng.integers(0, 256, (args.batch, *bench.IMAGE_SHAPE), dtype=np.uint8)
   labels = rng.integers(0, bench.NUM_CLASSES, (args.batch,)).astype(np.int32)
@@ -183,7 +181,7 @@ def profile_model(name, args, torch_device) -> dict:
   out["compile_s_step"] = time.perf_counter() - t0
   report("step", median_ms(run_step(step), args.repeats))
   step_u = bench.clf.jit_train_step(
-      bench.with_augmentation(bench.build_method(config, model), config,
+      bench.with_augmentation(bench.method_loss(config, model), config,
                               bench.NUM_CLASSES),
       bench.clf.make_optimizer(config.train, 100)[0])
   state["s"] = make_state()

@@ -125,7 +125,7 @@ from _common import (loadavg, machine_info, merge_rows,  # noqa: E402
                      open_results, uptime, write_results)
 from tests.torch_nets import TorchResNet18, TorchSmallCNN  # noqa: E402
 from configs.distill import get_config  # noqa: E402
-from experiments.train import build_attack, with_augmentation  # noqa: E402
+from experiments.train import attack_spec, with_augmentation  # noqa: E402
 from tsjax import models  # noqa: E402
 from tsjax.data import images  # noqa: E402
 from tsjax.methods import advfunmatch, peeraid  # noqa: E402
@@ -275,7 +275,7 @@ def _sgd(params, tcfg):
 class TorchPeerAiDStep:
   """PeerAiD (jaewonalive/PeerAiD ``train``), the passes of tsjax.methods.peeraid."""
 
-  def __init__(self, student, peer, attack, tcfg, w: peeraid.PeerAiDWeights):
+  def __init__(self, student, peer, attack, tcfg, w: peeraid.Options):
     self.student, self.peer, self.w = student, peer, w
     self.eps, self.alpha = float(attack.eps), float(attack.step_size)
     self.steps, self.start_std = int(attack.steps), attack.start_std
@@ -415,7 +415,7 @@ def build(method, args, jdev, tdev) -> Setup:
   normalize = bool(config.model.get("normalize", True))
   mean, std = images._STATS[dataset] if normalize else ((0.0,), (1.0,))
   kwargs = config.model.kwargs.to_dict()
-  attack = build_attack(config)
+  attack = attack_spec(config)
   optimizer, sched = clf.make_optimizer(config.train,
                                         train_size // args.batch)
   if abs(float(sched(0)) / float(config.train.lr) - 1) > 1e-6:
@@ -431,10 +431,10 @@ def build(method, args, jdev, tdev) -> Setup:
     _, pp, pm, p_net = make_pair(args.model, kwargs, mean, std, image_shape,
                                  args.seed + 1)
     p_net.to(tdev)
-    w = peeraid.PeerAiDWeights(**{f: o[f] for f in (
+    w = peeraid.Options(**{f: o[f] for f in (
         "tau", "tau_p", "gamma1", "gamma2", "lambda1", "lambda2", "lambda3",
         "reduction")})
-    loss_for = lambda att: peeraid.make_loss(s_model, s_model, att, w)
+    loss_for = lambda att: peeraid.make_loss(s_model, attack=att, options=w)
     params = {peeraid.STUDENT: sp, peeraid.PEER: pp}
     model_state = {peeraid.STUDENT: sm, peeraid.PEER: pm}
     flax_models = {peeraid.STUDENT: s_model, peeraid.PEER: s_model}
@@ -443,7 +443,7 @@ def build(method, args, jdev, tdev) -> Setup:
         nets[peeraid.STUDENT], nets[peeraid.PEER], att, config.train, w)
     nets = {peeraid.STUDENT: s_net, peeraid.PEER: p_net}
     attack_fn = jax.jit(lambda p, m, x, k, c: peeraid.student_adversarial(
-        s_model, s_model, p, m, x, k, attack))
+        s_model, s_model, p, m, x, k, attack)[0])
   else:
     t_name, t_kwargs = TEACHER[args.model]
     t_model, tp, tm, t_net = make_pair(t_name, t_kwargs, mean, std,
@@ -451,8 +451,9 @@ def build(method, args, jdev, tdev) -> Setup:
     t_net.to(tdev)
     ctx = put(teacher_ctx(tp, tm))
     loss_for = lambda att: advfunmatch.make_loss(
-        s_model, t_model, att, temperature=o.temperature,
-        clean_weight=o.clean_weight)
+        s_model, teacher=t_model, attack=att, options=advfunmatch.Options(
+            temperature=o.temperature, clean_weight=o.clean_weight,
+            reduction=o.reduction))
     params, model_state = sp, sm
     flax_models = {"student": s_model}
     counts["teacher"] = ats.count_tsjax(tp)

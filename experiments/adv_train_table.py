@@ -1,80 +1,79 @@
 r"""Several methods of experiments.train on one data set, one table.
 
-  python -m experiments.adv_train_table --dataset fashion_mnist \
+  python -m experiments.adv_train_table --config configs/adv_train.py:fashion_mnist \
       --methods standard,pgd_at,trades,ccat --workdir runs/fmnist_table \
-      --out experiments/results/fashion_mnist_adv_train.md
+      --config.train.epochs=3 --out experiments/results/fashion_mnist_adv_train.md
 
 Each method runs ``configs/adv_train.py:DATASET,METHOD`` with the same
-overrides (``--override FIELD=VALUE``, repeatable, applied to every method),
-in its own sub-directory of the work dir (so a killed table resumes method by
-method), and the test-set results of the last and the best (validation-selected)
-parameters are gathered into one Markdown table.
+``--config.FIELD=VALUE`` overrides (as for the experiments; a field a method's
+config does not have, e.g. another method's option, is skipped for it), in
+its own sub-directory of the work dir (so a killed table resumes method by
+method), and the test-set results of the last and the best
+(validation-selected) parameters are gathered into one Markdown table.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import platform
 import time
 
 from absl import app, flags, logging
+from ml_collections import config_flags
+
+from configs import adv_train
+from experiments import common, train
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
-  flags.DEFINE_string("dataset", "fashion_mnist", "Data set variant.")
+  config_flags.DEFINE_config_file(
+      "config", "configs/adv_train.py:fashion_mnist",
+      "configs/adv_train.py:DATASET; --config.FIELD=VALUE overrides apply to "
+      "every method.", lock_config=True)
   flags.DEFINE_string("methods", "standard,pgd_at,trades,ccat", "Methods.")
-  flags.DEFINE_multi_string("override", [], "FIELD=VALUE for every method.")
   flags.DEFINE_string("workdir", "runs/adv_train_table", "Output directory.")
   flags.DEFINE_string("out", None, "Also write the Markdown table here.")
 
 
-def apply_override(config, item: str) -> None:
-  field, _, raw = item.partition("=")
-  if not field or not _:
-    raise ValueError(f"--override expects FIELD=VALUE, got {item!r}")
-  try:
-    value = ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    value = raw
-  node = config
-  *path, leaf = field.split(".")
-  for p in path:
-    node = node[p]
-  if leaf not in node:
-    raise ValueError(f"--override: config has no field {field!r}")
-  node[leaf] = value
+def method_config(dataset: str, method: str, overrides: dict):
+  """``configs/adv_train.py:DATASET,METHOD`` with the table's overrides."""
+  config = adv_train.get_config(f"{dataset},{method}")
+  missing = common.apply_overrides(config, overrides)
+  if missing and not all(m.startswith("method.options.") for m in missing):
+    raise ValueError(f"--config overrides {missing} name no field of the "
+                     f"{method!r} config")
+  return config
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from configs.adv_train import get_config
-  from experiments import common, train
-
+  dataset = FLAGS.config.data.name
+  overrides = common.config_overrides()
   rows = []
   t_all = time.time()
   for method in [m for m in FLAGS.methods.split(",") if m]:
-    config = get_config(f"{FLAGS.dataset},{method}")
-    for item in FLAGS.override:
-      apply_override(config, item)
+    config = method_config(dataset, method, overrides)
     t0 = time.time()
     print(f"== {method}")
     res = train.run(config, os.path.join(FLAGS.workdir, method))
     rows.append((method, res["summary"], time.time() - t0))
   eps = rows[0][1]["eps"]
-  lines = [f"# {FLAGS.dataset}: adversarial training methods (linf eps {eps:g})",
+  steps = rows[0][1]["results"]["last"]["pgd_steps"]
+  items = [f"{k}={v}" for k, v in sorted(overrides.items())]
+  lines = [f"# {dataset}: adversarial training methods (linf eps {eps:g})",
            "",
            f"Machine: {platform.processor() or platform.machine()}, "
            f"{os.cpu_count()} cores; total {time.time() - t_all:.0f} s. "
-           f"Overrides: {', '.join(FLAGS.override) or 'none'}. Accuracies on "
+           f"Overrides: {', '.join(items) or 'none'}. Accuracies on "
            f"the test set; 'best' = epoch with the best validation PGD "
            f"accuracy (validation split carved from train, never the test set).",
            "",
-           "| method | params | clean acc | PGD-20 acc | CCAT thresholded robust err. | train time |",
+           f"| method | params | clean acc | PGD-{steps} acc | CCAT thresholded "
+           f"robust err. | train time |",
            "|---|---|---|---|---|---|"]
   for method, s, secs in rows:
     for name, r in s["results"].items():
@@ -82,7 +81,7 @@ def main(argv):
       ccat = (f"{r['ccat_robust_error']:.4f} (tau {r['ccat_tau']:.3f})"
               if "ccat_robust_error" in r else "–")
       lines.append(f"| {method} | {tag} | {r['clean_acc']:.4f} | "
-                   f"{r['pgd20_acc']:.4f} | {ccat} | {secs:.0f} s |")
+                   f"{r['pgd_acc']:.4f} | {ccat} | {secs:.0f} s |")
   text = "\n".join(lines) + "\n"
   print(text)
   os.makedirs(FLAGS.workdir, exist_ok=True)

@@ -4,17 +4,19 @@ budget for every method, several seeds, one table.
   python -m experiments.distill_table --workdir runs/distill_table \
       --out experiments/results/fashion_mnist_distill.md
 
-1. The teacher: ``configs/adv_train.py:DATASET,pgd_at`` with the
-   ``--teacher_override`` items, trained by ``experiments.train`` in
-   ``WORKDIR/teacher`` (or ``--teacher=DIR``, an existing work dir).
-2. Every distillation method (``configs/distill.py:METHOD,DATASET``) and the
-   from-scratch baselines (PGD-AT, TRADES with the student architecture) for
-   every seed, with the same ``--override`` items (epochs, data subset, attack
-   steps, evaluation), each in ``WORKDIR/METHOD_sSEED`` (a killed table
-   resumes run by run).
-3. Test-set clean, PGD-20 and AutoAttack accuracy of the validation-selected
+1. The teacher: ``configs/adv_train.py:DATASET,pgd_at`` with ``TEACHER_BUDGET``
+   and the ``--teacher_config.FIELD=VALUE`` overrides, trained by
+   ``experiments.train`` in ``WORKDIR/teacher`` (or ``--teacher=DIR``, an
+   existing work dir).
+2. Every distillation method (``configs/adv_train.py:DATASET,METHOD``) and
+   the from-scratch baselines (PGD-AT, TRADES with the student architecture)
+   for every seed, with ``STUDENT_BUDGET`` and the same
+   ``--config.FIELD=VALUE`` overrides (``--config`` names the data set:
+   ``configs/adv_train.py:DATASET``), each in ``WORKDIR/METHOD_sSEED`` (a
+   killed table resumes run by run).
+3. Test-set clean, PGD and AutoAttack accuracy of the validation-selected
    ("best") student, mean and spread over seeds, in a Markdown table (also
-   the last-epoch PGD-20 and, for PeerAiD, the SWA student).
+   the last-epoch PGD and, for PeerAiD, the SWA student).
 """
 
 from __future__ import annotations
@@ -28,30 +30,41 @@ import time
 
 import numpy as np
 from absl import app, flags, logging
+from ml_collections import config_flags
+
+from configs import adv_train
+from experiments import common, train
+from tsjax import methods as registry
 
 FLAGS = flags.FLAGS
 
-DISTILL = ("kd", "ard", "rslad", "iad", "funmatch", "peeraid", "advfunmatch")
 SCRATCH = ("pgd_at", "trades")
+# The CPU budgets of the committed comparison; --config.FIELD=VALUE and
+# --teacher_config.FIELD=VALUE override them.
+TEACHER_BUDGET = {"data.train_subset": 20000, "train.epochs": 3,
+                  "train.boundaries": (2,), "method.attack.steps": 5,
+                  "method.attack.step_size": 0.05}
+STUDENT_BUDGET = {"data.train_subset": 10000, "data.num_val": 1000,
+                  "data.test_subset": 1000, "train.epochs": 3,
+                  "train.boundaries": (2,), "method.attack.steps": 5,
+                  "method.attack.step_size": 0.05, "eval.val_subset": 500,
+                  "eval.autoattack_subset": 500,
+                  "eval.autoattack_params": ("best",)}
 
 
 def define_flags():
-  flags.DEFINE_string("dataset", "fashion_mnist", "Data set variant.")
+  config_flags.DEFINE_config_file(
+      "config", "configs/adv_train.py:fashion_mnist",
+      "configs/adv_train.py:DATASET; --config.FIELD=VALUE for every student "
+      "run.", lock_config=True)
+  config_flags.DEFINE_config_file(
+      "teacher_config", "configs/adv_train.py:fashion_mnist,pgd_at",
+      "The teacher's config; --teacher_config.FIELD=VALUE overrides.",
+      lock_config=True)
   flags.DEFINE_string("methods", "kd,ard,rslad,iad,peeraid,advfunmatch,pgd_at,trades",
                       "Distillation methods and from-scratch baselines.")
   flags.DEFINE_string("seeds", "0,1", "Comma-separated seeds.")
   flags.DEFINE_string("teacher", None, "Existing teacher work dir (else trained).")
-  flags.DEFINE_multi_string("teacher_override", [
-      "data.train_subset=20000", "train.epochs=3", "train.boundaries=(2,)",
-      "method.attack.steps=5", "method.attack.step_size=0.05"],
-      "FIELD=VALUE for the teacher's adv_train config.")
-  flags.DEFINE_multi_string("override", [
-      "data.train_subset=10000", "data.num_val=1000", "data.test_subset=1000",
-      "train.epochs=3",
-      "train.boundaries=(2,)", "method.attack.steps=5",
-      "method.attack.step_size=0.05", "eval.val_subset=500",
-      "eval.autoattack_subset=500", "eval.autoattack_params=('best',)"],
-      "FIELD=VALUE for every student run.")
   flags.DEFINE_string("workdir", "runs/distill_table", "Output directory.")
   flags.DEFINE_string("out", None, "Also write the Markdown table here.")
   flags.DEFINE_bool("table_only", False,
@@ -60,29 +73,24 @@ def define_flags():
 
 
 def student_config(method: str, dataset: str, seed: int, teacher_dir: str,
-                   overrides):
-  from configs import adv_train as adv_cfg
-  from configs import distill as distill_cfg
-  from experiments.adv_train_table import apply_override
-  if method in DISTILL:
-    c = distill_cfg.get_config(f"{method},{dataset}")
-    if method not in distill_cfg.TEACHER_FREE:
-      c.teacher.checkpoint = teacher_dir
-  elif method in SCRATCH:
-    c = adv_cfg.get_config(f"{dataset},{method}")
-    ref = distill_cfg.get_config(f"kd,{dataset}")   # the same student network
+                   overrides: dict):
+  c = adv_train.get_config(f"{dataset},{method}")
+  if registry.get(method).needs_teacher:
+    c.teacher.checkpoint = teacher_dir
+  if method in SCRATCH:
+    ref = adv_train.get_config(f"{dataset},kd")   # the same student network
     c.model.name = ref.model.name
     c.model.kwargs = ref.model.kwargs
     c.model.normalize = ref.model.normalize
-  else:
-    raise ValueError(f"unknown method {method!r}; expected one of "
-                     f"{DISTILL + SCRATCH}")
   c.seed = seed
-  for item in overrides:
-    apply_override(c, item)
-  if method == "peeraid":      # SWA from the first decay, whatever the schedule
+  common.apply_overrides(c, {**STUDENT_BUDGET, **overrides})
+  if c.train.swa_start_epoch is not None:   # SWA from the first decay
     c.train.swa_start_epoch = int(c.train.boundaries[0])
   return c
+
+
+def _items(d: dict) -> str:
+  return ", ".join(f"{k}={v}" for k, v in sorted(d.items()))
 
 
 def _mean_spread(values):
@@ -97,17 +105,15 @@ def _mean_spread(values):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from configs import adv_train as adv_cfg
-  from experiments import common, distill, train
-  from experiments.adv_train_table import apply_override
-
+  dataset = FLAGS.config.data.name
+  overrides = common.config_overrides()
+  t_overrides = {**TEACHER_BUDGET, **common.config_overrides("teacher_config")}
   t_all = time.time()
   os.makedirs(FLAGS.workdir, exist_ok=True)
   teacher_dir = FLAGS.teacher or os.path.join(FLAGS.workdir, "teacher")
   if not FLAGS.teacher and not FLAGS.table_only:
-    tc = adv_cfg.get_config(f"{FLAGS.dataset},pgd_at")
-    for item in FLAGS.teacher_override:
-      apply_override(tc, item)
+    tc = adv_train.get_config(f"{dataset},pgd_at")
+    common.apply_overrides(tc, t_overrides)
     print("== teacher (PGD-AT)")
     train.run(tc, teacher_dir)
   teacher = json.load(open(os.path.join(teacher_dir, "results.json")))
@@ -116,15 +122,14 @@ def main(argv):
   runs = {}
   for method in methods:
     for seed in seeds:
-      c = student_config(method, FLAGS.dataset, seed, teacher_dir,
-                         FLAGS.override)
+      c = student_config(method, dataset, seed, teacher_dir, overrides)
       wd = os.path.join(FLAGS.workdir, f"{method}_s{seed}")
       done = os.path.join(wd, "results.json")
       if not os.path.exists(done) and FLAGS.table_only:
         continue
       if not os.path.exists(done):
         print(f"== {method} seed {seed}")
-        (distill.run if method in DISTILL else train.run)(c, wd)
+        train.run(c, wd)
       s = json.load(open(done))
       # Wall time of the run (training + evaluation) from its files, so
       # that runs finished by an earlier invocation keep their time.
@@ -132,27 +137,28 @@ def main(argv):
           os.path.join(wd, "config.json")))
 
   eps = teacher["eps"]
+  pgd_n = teacher["results"]["last"].get("pgd_steps", 20)
   tb = teacher["results"].get("best") or teacher["results"]["last"]
   lines = [
-      f"# {FLAGS.dataset}: adversarial distillation vs. training from scratch "
+      f"# {dataset}: adversarial distillation vs. training from scratch "
       f"(linf eps {eps:g})", "",
       f"Machine: {platform.processor() or platform.machine()}, "
       f"{os.cpu_count()} cores; this invocation {time.time() - t_all:.0f} s "
       f"(runs already finished are reused). Seeds: {seeds}.", "",
       f"Teacher: {teacher['model']} trained with PGD-AT "
-      f"({', '.join(FLAGS.teacher_override) if not FLAGS.teacher else teacher_dir}); "
-      f"test clean {100 * tb['clean_acc']:.1f}%, PGD-20 {100 * tb['pgd20_acc']:.1f}% "
+      f"({_items(t_overrides) if not FLAGS.teacher else teacher_dir}); "
+      f"test clean {100 * tb['clean_acc']:.1f}%, PGD-{pgd_n} {100 * tb['pgd_acc']:.1f}% "
       f"on {tb['num_test']} test images.", "",
       f"Students: the same network for every method "
       f"({runs[(methods[0], seeds[0])][0]['model']} "
       f"{json.dumps(runs[(methods[0], seeds[0])][0]['config']['model']['kwargs'])}), "
-      f"the same budget: {', '.join(FLAGS.override)}.", "",
+      f"the same budget: {_items({**STUDENT_BUDGET, **overrides})}.", "",
       "Accuracies in % on the test set, mean ± std over seeds, of the "
       "validation-selected student (best validation PGD accuracy; the "
       "validation split is carved from train). AutoAttack = standard version "
       "on the first test images as listed. 'last' = final epoch.", "",
-      "| method | clean | PGD-20 | AutoAttack | last: clean | last: PGD-20 "
-      "| SWA: PGD-20 | wall time / run (train + eval) |",
+      f"| method | clean | PGD-{pgd_n} | AutoAttack | last: clean | "
+      f"last: PGD-{pgd_n} | SWA: PGD-{pgd_n} | wall time / run (train + eval) |",
       "|---|---|---|---|---|---|---|---|"]
   missing = [f"{m} seed {s}" for m in methods for s in seeds
              if (m, s) not in runs]
@@ -161,19 +167,19 @@ def main(argv):
     rows = [runs[(method, s)][0]["results"] for s in seeds]
     best = [r.get("best") or r["last"] for r in rows]
     last = [r["last"] for r in rows]
-    swa = [r["swa"]["pgd20_acc"] if "swa" in r else None for r in rows]
+    swa = [r["swa"]["pgd_acc"] if "swa" in r else None for r in rows]
     secs = np.mean([runs[(method, s)][1] for s in seeds])
     aa_n = best[0].get("aa_num")
     lines.append(
         f"| {method} | {_mean_spread([b['clean_acc'] for b in best])} | "
-        f"{_mean_spread([b['pgd20_acc'] for b in best])} | "
+        f"{_mean_spread([b['pgd_acc'] for b in best])} | "
         f"{_mean_spread([b.get('aa_acc') for b in best])}"
         f"{f' (n={aa_n})' if aa_n else ''} | "
         f"{_mean_spread([l['clean_acc'] for l in last])} | "
-        f"{_mean_spread([l['pgd20_acc'] for l in last])} | "
+        f"{_mean_spread([l['pgd_acc'] for l in last])} | "
         f"{_mean_spread(swa)} | "
         f"{secs:.0f} s |")
-  lines += ["", "Per seed (best params: clean / PGD-20 / AutoAttack):", ""]
+  lines += ["", f"Per seed (best params: clean / PGD-{pgd_n} / AutoAttack):", ""]
   for method in methods:
     per = []
     for s in seeds:
@@ -181,7 +187,7 @@ def main(argv):
       b = r.get("best") or r["last"]
       aa = f"{100 * b['aa_acc']:.1f}" if "aa_acc" in b else "–"
       per.append(f"seed {s}: {100 * b['clean_acc']:.1f} / "
-                 f"{100 * b['pgd20_acc']:.1f} / {aa}")
+                 f"{100 * b['pgd_acc']:.1f} / {aa}")
     lines.append(f"- {method}: " + "; ".join(per))
   if missing:
     lines += ["", f"Not run yet (resume with the same command): "

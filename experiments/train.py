@@ -1,98 +1,158 @@
-r"""Train an image classifier with any method: standard, PGD-AT, TRADES, CCAT.
+r"""Train an image classifier with any registered method (``tsjax.methods``):
+from scratch (standard, PGD-AT, TRADES, CCAT) or distilled from a frozen
+teacher (KD, ARD, RSLAD, IAD, FunMatch, AdvFunMatch) or a jointly trained
+peer (PeerAiD).
 
   python -m experiments.train --config configs/adv_train.py:fashion_mnist,pgd_at
   python -m experiments.train --config configs/adv_train.py:fashion_mnist,ccat,smoke \
       --workdir /tmp/ccat --config.train.epochs=1
+  python -m experiments.train --config configs/adv_train.py:fashion_mnist,rslad \
+      --config.teacher.checkpoint=runs/fmnist_teacher
 
 Trains on the training split minus a seeded validation split, selects the best
-epoch by validation robust accuracy (PGD, never the test set), and reports the
-last and the best parameters (and EMA / SWA when enabled) on the test set:
-clean accuracy, PGD-20 accuracy and, for CCAT, the confidence-thresholded
-robust error at 99% TPR. Writes ``results.json``, ``results.md``,
-``metrics.jsonl``, TensorBoard events (``tb/``) and Orbax checkpoints
-(``checkpoints/``, ``best/``; a killed run resumes) to the work dir.
+epoch by validation robust accuracy (``eval.select_on="test"``: on the test
+set, as several references do), and reports the last and the best parameters
+(and EMA / SWA when enabled) on the test set: clean accuracy, PGD-N accuracy,
+AutoAttack and the method's own report (CCAT: confidence-thresholded robust
+error). Writes ``results.json``, ``results.md``, ``metrics.jsonl``,
+TensorBoard events (``tb/``) and Orbax checkpoints (``checkpoints/``,
+``best/``; a killed run resumes) to the work dir. The work dir holds the
+trained network only (PeerAiD: student and peer during training; ``best/``,
+SWA and the results are the student's); a teacher is never checkpointed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-METHODS = ("standard", "pgd_at", "trades", "ccat")
+from experiments import common
+from tsjax import config_checks as cc
+from tsjax import methods, models
+from tsjax.attacks import AttackSpec
+from tsjax.attacks.autoattack import VERSIONS, autoattack
+from tsjax.data import augment, images
+from tsjax.methods.common import ModelLogits
+from tsjax.methods.distill import teacher_ctx
+from tsjax.train import TrainState
+from tsjax.train import classifier as clf
+from tsjax.train.fit import fit
+from tsjax.train.teachers import load_teacher
+
+SELECT_METRICS = ("pgd/acc", "clean/acc")
+SELECT_ON = ("val", "test")
+CANDIDATES = ("last", "best", "ema", "swa")
 
 
-def validate(config, methods=METHODS) -> None:
-  """Config checks that need no data and compile nothing."""
-  from tsjax import config_checks as cc
-  from tsjax import models
-  from tsjax.attacks import NORMS
-  from tsjax.data import images
-  from tsjax.methods.common import BN_MODES
-  from tsjax.train.classifier import SCHEDULES
-
+# ----------------------------------------------------------------- checking
+def validate(config) -> None:
+  """Every config check that needs no data and compiles nothing."""
   cc.check_number(config, "seed", low=0, integer=True)
   cc.check_choice(config, "data.name", tuple(images.DATASETS))
-  cc.check_number(config, "data.num_val", low=0, integer=True)
-  cc.check_number(config, "data.train_subset", low=0, integer=True)
-  cc.check_number(config, "data.test_subset", low=0, integer=True)
+  for f in ("data.num_val", "data.train_subset", "data.test_subset"):
+    cc.check_number(config, f, low=0, integer=True)
   name = cc.get_field(config, "model.name")
   if name not in models.REGISTRY:
     raise cc.ConfigError(f"config field 'model.name' must be one of "
                          f"{sorted(models.REGISTRY)}, got {name!r}")
-  cc.check_choice(config, "method.name", methods)
-  cc.check_choice(config, "method.attack.norm", NORMS)
-  cc.check_number(config, "method.attack.eps", low=0)
-  cc.check_number(config, "method.attack.step_size", low=0)
-  cc.check_number(config, "method.attack.steps", low=1, integer=True)
-  cc.check_choice(config, "method.attack.bn_mode", BN_MODES)
-  cc.check_choice(config, "method.attack.start", ("uniform", "normal"))
-  cc.check_number(config, "method.attack.restarts", low=1, integer=True)
-  if config.method.name in METHODS:
-    cc.check_number(config, "method.label_smoothing", low=0, high=1)
-    cc.check_number(config, "method.trades_beta", low=0)
-    cc.check_number(config, "method.ccat_rho", low=0, low_open=True)
-    cc.check_number(config, "method.ccat_clean_fraction", low=0, high=1)
-  from tsjax.data import augment
+  method = methods.get(cc.get_field(config, "method.name"))
+  method.build_options(config.method.options)
+  attack_spec(config)
   spec = augment.parse_augment_spec(cc.get_field(config, "augment"), "augment")
-  if config.method.name == "ccat" and any(n in ("mixup", "cutmix")
-                                          for n, _ in spec):
+  if method.name == "ccat" and any(n in ("mixup", "cutmix") for n, _ in spec):
     raise cc.ConfigError("config field 'augment': mixup / cutmix give soft "
                          "labels, which CCAT's targets do not take")
-  cc.check_number(config, "train.batch_size", low=1, integer=True)
-  cc.check_number(config, "train.epochs", low=1, integer=True)
-  cc.check_number(config, "train.lr", low=0)
-  cc.check_number(config, "train.momentum", low=0, high=1)
-  cc.check_number(config, "train.weight_decay", low=0)
-  cc.check_choice(config, "train.schedule", SCHEDULES)
-  cc.check_number(config, "train.lr_factor", low=0)
-  cc.check_number(config, "train.ema_decay", low=0, high=1)
-  cc.check_number(config, "train.swa_start_epoch", integer=True)
-  cc.check_number(config, "train.log_every", low=1, integer=True)
+  if method.needs_teacher:
+    _validate_teacher(config)
+  _validate_train(config.train)
+  _validate_eval(config)
+
+
+def _validate_teacher(config) -> None:
+  ck = config.teacher.get("checkpoint")
+  tk = config.teacher.get("torch_checkpoint")
+  if bool(ck) == bool(tk):
+    raise cc.ConfigError(
+        f"method {config.method.name!r} needs a teacher: set exactly one of "
+        f"config fields 'teacher.checkpoint' (work dir of an experiments.train"
+        f" run) and 'teacher.torch_checkpoint' (a PyTorch state_dict file); "
+        f"got {ck!r} and {tk!r}")
+  if ck and not os.path.isdir(ck):
+    raise cc.ConfigError(f"config field 'teacher.checkpoint': no such "
+                         f"directory {ck!r}")
+  if ck and not os.path.exists(os.path.join(ck, "config.json")):
+    raise cc.ConfigError(f"config field 'teacher.checkpoint': {ck!r} is not "
+                         f"a work dir of experiments.train (no config.json)")
+  if tk and not os.path.exists(tk):
+    raise cc.ConfigError(f"config field 'teacher.torch_checkpoint': no such "
+                         f"file {tk!r}")
+  cc.check_choice(config, "teacher.which", ("best", "last", "swa"))
+
+
+def _validate_train(t) -> None:
+  p = "train."
+  cc.check_number(t, "batch_size", low=1, integer=True)
+  cc.check_number(t, "epochs", low=1, integer=True)
+  cc.check_choice(t, "optimizer", clf.OPTIMIZERS)
+  cc.check_number(t, "lr", low=0)
+  cc.check_number(t, "momentum", low=0, high=1)
+  cc.check_number(t, "weight_decay", low=0)
+  cc.check_choice(t, "weight_decay_style", clf.WEIGHT_DECAY_STYLES)
+  cc.check_choice(t, "weight_decay_on", clf.WEIGHT_DECAY_ON)
+  if t.weight_decay_style == "decoupled" and t.weight_decay and not t.lr > 0:
+    raise cc.ConfigError(f"config field '{p}lr' must be > 0 with decoupled "
+                         f"weight decay (its rate follows schedule / lr)")
+  cc.check_number(t, "grad_clip", low=0)
+  cc.check_choice(t, "schedule", clf.SCHEDULES)
+  cc.check_number(t, "lr_factor", low=0)
+  cc.check_number(t, "ema_decay", low=0, high=1)
+  if t.swa_start_epoch is not None:
+    cc.check_number(t, "swa_start_epoch", low=0, integer=True)
+  cc.check_number(t, "log_every", low=1, integer=True)
+
+
+def _validate_eval(config) -> None:
+  ev = config.eval
   cc.check_number(config, "eval.batch_size", low=1, integer=True)
   cc.check_number(config, "eval.eps", low=0)
   cc.check_number(config, "eval.pgd_steps", low=1, integer=True)
+  if ev.pgd_step_size is not None:
+    cc.check_number(config, "eval.pgd_step_size", low=0)
   cc.check_number(config, "eval.val_pgd_steps", low=1, integer=True)
   cc.check_number(config, "eval.val_subset", low=0, integer=True)
-  cc.check_number(config, "eval.ccat_tpr", low=0, high=1, low_open=True)
+  cc.check_choice(config, "eval.select_on", SELECT_ON)
+  cc.check_choice(config, "eval.select_metric", SELECT_METRICS)
   cc.check_number(config, "eval.autoattack_subset", low=0, integer=True)
-  from tsjax.attacks.autoattack import VERSIONS
   cc.check_choice(config, "eval.autoattack_version", tuple(VERSIONS))
-  cc.get_field(config, "eval.select_metric")
+  bad = [p for p in ev.autoattack_params if p not in CANDIDATES]
+  if bad:
+    raise cc.ConfigError(f"config field 'eval.autoattack_params' has unknown "
+                         f"entries {bad}; expected entries from {CANDIDATES}")
 
 
-def build_attack(config):
-  """The method's inner maximisation from ``config.method.attack``."""
-  from tsjax.methods.common import ImageAttack
-  a = config.method.attack
-  return ImageAttack(norm=a.norm, eps=a.eps, step_size=a.step_size,
-                     steps=int(a.steps), bn_mode=a.bn_mode,
-                     start_std=0.001 if a.start == "normal" else None,
-                     restarts=int(a.get("restarts", 1)))
+def attack_spec(config) -> AttackSpec:
+  """The method's inner maximisation: ``config.method.attack`` holds the
+  fields of ``AttackSpec`` (checked, errors naming the field)."""
+  return cc.build(AttackSpec, config.method.attack, "method.attack")
 
 
+def eval_attack(config, steps: int) -> AttackSpec:
+  """The evaluation PGD: L-inf ``eval.eps``, ``steps`` steps of
+  ``eval.pgd_step_size`` (default ``2.5 eps / steps``), uniform start, the
+  last iterate, the network in eval mode."""
+  eps = float(config.eval.eps)
+  step = config.eval.pgd_step_size
+  return AttackSpec(norm="linf", eps=eps, steps=int(steps),
+                    step_size=2.5 * eps / steps if step is None else step)
+
+
+# ----------------------------------------------------------------- building
 class Built(NamedTuple):
   """What a method hands the generic training run: its pure loss, the
   initial trainable variables, the step's ``ctx`` (frozen teachers) and the
@@ -104,38 +164,38 @@ class Built(NamedTuple):
   view: Any = None
 
 
-def build_classifier(config, model, data, key) -> Built:
-  """experiments.train's methods: one network trained from scratch."""
-  from tsjax.train import classifier as clf
-  params, model_state = clf.init_model(model, key, data.image_shape)
-  return Built(build_method(config, model), params, model_state)
+def method_loss(config, model, teacher=None):
+  """The pure loss of ``config.method`` on ``model`` (uint8 batches are
+  converted and augmented by ``with_augmentation``)."""
+  method = methods.get(config.method.name)
+  return method.make_loss(
+      model, teacher=teacher,
+      attack=attack_spec(config) if method.uses_attack else None,
+      options=method.build_options(config.method.options))
 
 
-def build_method(config, model):
-  """The method's pure loss (uint8 batches are converted and augmented inside)."""
-  from tsjax.methods import ccat, pgd_at, standard, trades
-
-  attack = build_attack(config)
-  m = config.method
-  if m.name == "standard":
-    return standard.make_loss(model, label_smoothing=m.label_smoothing)
-  if m.name == "pgd_at":
-    return pgd_at.make_loss(model, attack)
-  if m.name == "trades":
-    return trades.make_loss(model, attack, beta=m.trades_beta)
-  if m.name == "ccat":
-    return ccat.make_loss(model, attack, rho=m.ccat_rho,
-                          clean_fraction=m.ccat_clean_fraction)
-  raise ValueError(f"unknown method {m.name!r}; expected one of {METHODS}")
+def build(config, model, data, key) -> Built:
+  """The registered method of ``config.method.name`` on ``model``."""
+  method = methods.get(config.method.name)
+  init_one = lambda k: clf.init_model(model, k, data.image_shape)
+  params, model_state = (method.init(init_one, key) if method.init
+                         else init_one(key))
+  teacher, ctx = None, None
+  if method.needs_teacher:
+    normalize = bool(config.model.get("normalize", True))
+    teacher, t_params, t_state = load_teacher(
+        config.teacher, num_classes=data.num_classes,
+        mean=data.mean if normalize else (0.0,),
+        std=data.std if normalize else (1.0,), input_shape=data.image_shape)
+    models.check_input_shape(teacher, data.image_shape)
+    ctx = teacher_ctx(t_params, t_state)
+  return Built(method_loss(config, model, teacher), params, model_state, ctx,
+               method.view)
 
 
 def with_augmentation(loss_fn, config, num_classes: int):
   """Wraps a method loss: uint8 -> [0, 1] floats, then on-device augmentation
   with a per-step key (the same view is used by everything inside the loss)."""
-  import jax
-  import jax.numpy as jnp
-  from tsjax.data import augment
-
   spec = augment.parse_augment_spec(config.augment, "augment")
   aug = augment.make_augment(spec)
   mixing = any(name in ("mixup", "cutmix") for name, _ in spec)
@@ -154,13 +214,38 @@ def with_augmentation(loss_fn, config, num_classes: int):
   return wrapped
 
 
+def load_data(config):
+  """``(train, val, test)``: ``val`` is the model-selection set (a seeded
+  split of train, or the test set with ``eval.select_on="test"``)."""
+  full_train = images.load_from_config(config, "train")
+  test = images.load_from_config(config, "test")
+  if config.data.train_subset:
+    full_train = full_train.subset(np.arange(min(config.data.train_subset,
+                                                 len(full_train))))
+  if config.data.test_subset:
+    test = test.subset(np.arange(min(config.data.test_subset, len(test))))
+  train, val = images.split_dataset(full_train, int(config.data.num_val),
+                                    int(config.seed))
+  if config.eval.select_on == "test":
+    val = test
+  return train, val, test
+
+
+def make_model(config, train):
+  normalize = bool(config.model.get("normalize", True))
+  model = models.get_model(config.model.name, num_classes=train.num_classes,
+                           mean=train.mean if normalize else (0.0,),
+                           std=train.std if normalize else (1.0,),
+                           **config.model.kwargs.to_dict())
+  models.check_input_shape(model, train.image_shape)   # before compiling
+  return model
+
+
+# ---------------------------------------------------------------- evaluation
 def autoattack_row(model, params, model_state, test, ev, eps, key,
                    progress: bool) -> dict:
   """AutoAttack (``ev.autoattack_version``, L-inf ``eps``) on the first
   ``ev.autoattack_subset`` test examples."""
-  import numpy as np
-  from tsjax.attacks.autoattack import autoattack
-  from tsjax.methods.common import ModelLogits
   n = min(int(ev.autoattack_subset), len(test))
   # Parameters as an argument: the attacks compiled for the first parameter
   # set evaluated (best, last, EMA, SWA) serve the others.
@@ -174,57 +259,93 @@ def autoattack_row(model, params, model_state, test, ev, eps, key,
           "aa_warnings": aa["warnings"]}
 
 
+def candidates(out, view) -> dict:
+  """name -> (params, model_state) of the parameter sets to report."""
+  final = out["state"]
+  view = view or (lambda p, ms: (p, ms))
+  last = view(final.params, final.model_state)
+  res = {"last": last}
+  if out["best"] is not None:
+    res["best"] = (out["best"]["params"], out["best"]["model_state"])
+  if out["ema"] is not None:
+    res["ema"] = (out["ema"], last[1])
+  if out["swa"] is not None and int(out["swa"]["count"]) > 0:
+    res["swa"] = (out["swa"]["params"], out["swa"]["model_state"])
+  return res
+
+
+def test_rows(config, model, test, cands, key, progress) -> dict:
+  """Clean, PGD, AutoAttack and the method's report for every candidate."""
+  method = methods.get(config.method.name)
+  options = method.build_options(config.method.options)
+  ev, steps = config.eval, int(config.eval.pgd_steps)
+  attacks = {"pgd": ("ce", eval_attack(config, steps))}
+  if method.test_attacks:
+    attacks.update(method.test_attacks(eval_attack(config, steps),
+                                       attack_spec(config), options))
+  test_eval = clf.make_eval_step(model, attacks)
+  results = {}
+  for name, (p, ms) in cands.items():
+    r = clf.evaluate(test_eval, p, ms, images.eval_batches(
+        test.images, test.labels, int(ev.batch_size)), jax.random.fold_in(key, 1))
+    row = {"clean_acc": r["clean/acc"], "pgd_acc": r["pgd/acc"],
+           "pgd_steps": steps, "num_test": r["num_examples"]}
+    if ev.autoattack_subset and name in tuple(ev.autoattack_params):
+      row.update(autoattack_row(model, p, ms, test, ev, float(ev.eps),
+                                jax.random.fold_in(key, 2), progress))
+    if method.report:
+      row.update(method.report(r["per_example"], options))
+    results[name] = row
+  return results
+
+
+def results_markdown(config, summary: dict) -> str:
+  ev, results = config.eval, summary["results"]
+  steps = int(ev.pgd_steps)
+  lines = [f"# {config.method.name} / {config.model.name} / {config.data.name}"
+           f" (linf eps {float(ev.eps):g}, PGD-{steps})", "",
+           f"| params | clean acc | PGD-{steps} acc | test examples | "
+           f"AutoAttack acc |", "|---|---|---|---|---|"]
+  for name, row in results.items():
+    extra = (f" (epoch {summary['best_epoch']}, selected on "
+             f"{ev.select_on})" if name == "best" else "")
+    aa = (f"{row['aa_acc']:.4f} (first {row['aa_num']})" if "aa_acc" in row
+          else "–")
+    lines.append(f"| {name}{extra} | {row['clean_acc']:.4f} | "
+                 f"{row['pgd_acc']:.4f} | {row['num_test']} | {aa} |")
+  for name, row in results.items():
+    if "ccat_tau" in row:
+      lines.append(f"\nCCAT {name}: tau={row['ccat_tau']:.3f} "
+                   f"({config.method.options.tpr:.0%} TPR), thresholded robust "
+                   f"error {row['ccat_robust_error']:.4f}, unthresholded "
+                   f"{row['ccat_robust_error_unthresholded']:.4f}, adversarial "
+                   f"rejected {row['ccat_adv_rejected']:.3f}")
+  if config.get("reference"):
+    lines.append(f"\nRecipe: {config.reference}.")
+  return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- run
 def run(config, workdir: str, *, progress: bool = True,
-        stop_after_epochs: int | None = None, build=None,
-        methods=METHODS) -> dict | None:
-  """Trains, selects and evaluates; ``build(config, model, train_set, key)
-  -> Built`` supplies the method (default: ``build_classifier``; the
-  distillation experiment passes its own)."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
-
-  from experiments import common
-  from tsjax import models
-  from tsjax.data import images
-  from tsjax.methods.ccat import confidence_threshold, thresholded_errors
-  from tsjax.methods.common import ImageAttack
-  from tsjax.train import TrainState
-  from tsjax.train import classifier as clf
-  from tsjax.train.fit import fit
-
-  validate(config, methods)
+        stop_after_epochs: int | None = None) -> dict | None:
+  """Trains, selects and evaluates (see the module docstring)."""
+  validate(config)
   if config.distributed.coordinator_address:
     jax.distributed.initialize(config.distributed.coordinator_address,
                                int(config.distributed.num_processes),
                                int(config.distributed.process_id))
-  full_train = images.load_from_config(config, "train")
-  test = images.load_from_config(config, "test")
-  if config.data.train_subset:
-    full_train = full_train.subset(np.arange(min(config.data.train_subset,
-                                                 len(full_train))))
-  if config.data.test_subset:
-    test = test.subset(np.arange(min(config.data.test_subset, len(test))))
-  train, val = images.split_dataset(full_train, int(config.data.num_val),
-                                    int(config.seed))
-  normalize = bool(config.model.get("normalize", True))
-  model = models.get_model(config.model.name, num_classes=train.num_classes,
-                           mean=train.mean if normalize else (0.0,),
-                           std=train.std if normalize else (1.0,),
-                           **config.model.kwargs.to_dict())
-  models.check_input_shape(model, train.image_shape)   # before compiling
+  train, val, test = load_data(config)
+  model = make_model(config, train)
   common.prepare_workdir(workdir, config)
 
   bs = int(config.train.batch_size)
   steps_per_epoch = len(train) // bs
   if steps_per_epoch < 1:
-    raise ValueError(f"config field 'train.batch_size' ({bs}) exceeds the "
-                     f"{len(train)} training examples")
+    raise cc.ConfigError(f"config field 'train.batch_size' ({bs}) exceeds "
+                         f"the {len(train)} training examples")
   optimizer, _ = clf.make_optimizer(config.train, steps_per_epoch)
-  key = jax.random.key(int(config.seed))
-  k_init, k_train, k_eval = jax.random.split(key, 3)
-  built = (build or build_classifier)(config, model, train, k_init)
+  k_init, k_train, k_eval = jax.random.split(jax.random.key(int(config.seed)), 3)
+  built = build(config, model, train, k_init)
   state = TrainState.create(built.params, optimizer, k_train,
                             built.model_state)
   step = clf.jit_train_step(with_augmentation(built.loss_fn, config,
@@ -232,99 +353,49 @@ def run(config, workdir: str, *, progress: bool = True,
   replicated = NamedSharding(images.data_mesh(), P())
   ctx = jax.device_put(built.ctx, replicated) if built.ctx is not None else None
 
-  eps, ev = config.eval.eps, config.eval
-  pgd = lambda steps: ImageAttack(norm="linf", eps=eps,
-                                  step_size=2.5 * eps / steps, steps=steps)
-  val_eval = clf.make_eval_step(model, {"pgd": ("ce", pgd(ev.val_pgd_steps))})
-  test_attacks = {"pgd": ("ce", pgd(ev.pgd_steps))}
-  if config.method.name == "ccat":
-    test_attacks["pgd_conf"] = ("conf", pgd(ev.pgd_steps))
-  test_eval = clf.make_eval_step(model, test_attacks)
-  val_x = val.images[:ev.val_subset or None]
-  val_y = val.labels[:ev.val_subset or None]
-  ebs = int(ev.batch_size)
+  ev = config.eval
+  val_eval = clf.make_eval_step(
+      model, {"pgd": ("ce", eval_attack(config, int(ev.val_pgd_steps)))})
+  val_x, val_y = val.images[:ev.val_subset or None], val.labels[:ev.val_subset or None]
 
   def evaluate_val(params, model_state):
-    r = clf.evaluate(val_eval, params, model_state,
-                     images.eval_batches(val_x, val_y, ebs), k_eval)
+    r = clf.evaluate(val_eval, params, model_state, images.eval_batches(
+        val_x, val_y, int(ev.batch_size)), k_eval)
     return {k: v for k, v in r.items() if k != "per_example"}
 
-  swa_start = int(config.train.swa_start_epoch)
+  seed = int(config.seed)
   out = fit(
       workdir=workdir, state=state, step_fn=step,
       train_batches=lambda epoch: ({**b, "epoch": np.int32(epoch)}
                                    for b in images.train_batches(
-          train.images, train.labels, bs, seed=int(config.seed),
+          train.images, train.labels, bs, seed=seed,
           start_step=epoch * steps_per_epoch)),
       ctx=ctx, view=built.view,
       epochs=int(config.train.epochs), steps_per_epoch=steps_per_epoch,
       evaluate_fn=evaluate_val if len(val_x) else None,
       select_metric=ev.select_metric if len(val_x) else None,
       ema_decay=float(config.train.ema_decay) or None,
-      swa_start_epoch=swa_start if swa_start >= 0 else None,
+      swa_start_epoch=config.train.swa_start_epoch,
       bn_batches=lambda: (b["image"].astype(jnp.float32) / 255.0 for b in
                           images.train_batches(train.images, train.labels, bs,
-                                               seed=int(config.seed) + 1,
-                                               num_epochs=1)),
+                                               seed=seed + 1, num_epochs=1)),
       model=model, log_every=int(config.train.log_every), progress=progress,
-      stop_after_epochs=stop_after_epochs,
-      state_sharding=replicated)
+      stop_after_epochs=stop_after_epochs, state_sharding=replicated)
   if out["stopped"]:
     return None
 
-  final = out["state"]
-  view = built.view or (lambda p, ms: (p, ms))
-  candidates = {"last": view(final.params, final.model_state)}
-  if out["best"] is not None:
-    candidates["best"] = (out["best"]["params"], out["best"]["model_state"])
-  if out["ema"] is not None:
-    candidates["ema"] = (out["ema"], view(final.params, final.model_state)[1])
-  if out["swa"] is not None and int(out["swa"]["count"]) > 0:
-    candidates["swa"] = (out["swa"]["params"], out["swa"]["model_state"])
-  results = {}
-  for name, (p, ms) in candidates.items():
-    r = clf.evaluate(test_eval, p, ms, images.eval_batches(
-        test.images, test.labels, ebs), jax.random.fold_in(k_eval, 1))
-    row = {"clean_acc": r["clean/acc"], "pgd20_acc": r["pgd/acc"],
-           "num_test": r["num_examples"]}
-    aa_on = tuple(ev.get("autoattack_params", ("last", "best", "ema", "swa")))
-    if ev.autoattack_subset and name in aa_on:
-      row.update(autoattack_row(model, p, ms, test, ev, eps,
-                                jax.random.fold_in(k_eval, 2), progress))
-    if config.method.name == "ccat":
-      pe = r["per_example"]
-      tau = confidence_threshold(pe["clean/conf"], pe["clean/correct"],
-                                 ev.ccat_tpr)
-      th = thresholded_errors(tau, pe["clean/correct"], pe["pgd_conf/conf"],
-                              pe["pgd_conf/correct"])
-      row.update({f"ccat_{k}": v for k, v in th.items()})
-      row["ccat_conf_attack_acc"] = r["pgd_conf/acc"]
-    results[name] = row
+  results = test_rows(config, model, test, candidates(out, built.view),
+                      k_eval, progress)
   summary = {"method": config.method.name, "model": config.model.name,
-             "data": config.data.name, "eps": eps,
+             "data": config.data.name, "eps": float(ev.eps),
+             "reference": config.get("reference", ""),
+             "select_on": ev.select_on,
              "best_epoch": out["best"]["epoch"] if out["best"] else None,
              "results": results, "history": out["history"],
              "config": common.config_dict(config)}
   common.atomic_write(os.path.join(workdir, "results.json"),
                       json.dumps(common.to_jsonable(summary), indent=2))
-  lines = [f"# {config.method.name} / {config.model.name} / {config.data.name}"
-           f" (linf eps {eps:g}, PGD-{ev.pgd_steps})", "",
-           "| params | clean acc | PGD-20 acc | test examples | AutoAttack acc |",
-           "|---|---|---|---|---|"]
-  for name, row in results.items():
-    extra = (f" (best epoch {out['best']['epoch']})"
-             if name == "best" and out["best"] else "")
-    aa = (f"{row['aa_acc']:.4f} (first {row['aa_num']})" if "aa_acc" in row
-          else "–")
-    lines.append(f"| {name}{extra} | {row['clean_acc']:.4f} | "
-                 f"{row['pgd20_acc']:.4f} | {row['num_test']} | {aa} |")
-  if config.method.name == "ccat":
-    for name, row in results.items():
-      lines.append(f"\nCCAT {name}: tau={row['ccat_tau']:.3f} (99% TPR), "
-                   f"thresholded robust error {row['ccat_robust_error']:.4f}, "
-                   f"unthresholded {row['ccat_robust_error_unthresholded']:.4f},"
-                   f" adversarial rejected {row['ccat_adv_rejected']:.3f}")
-  text = "\n".join(lines) + "\n"
+  text = results_markdown(config, summary)
   common.atomic_write(os.path.join(workdir, "results.md"), text)
   if progress:
     print(text)
@@ -332,7 +403,6 @@ def run(config, workdir: str, *, progress: bool = True,
 
 
 if __name__ == "__main__":
-  from experiments import common
   common.launch("train", run, "configs/adv_train.py",
                 "Experiment config (ml_collections file with "
                 "':dataset,method[,smoke]').",

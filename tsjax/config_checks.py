@@ -6,6 +6,7 @@ expected, so a bad config fails before anything is traced or compiled.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Iterable, Sequence
 
@@ -94,3 +95,56 @@ def is_positive_int(value: Any) -> bool:
   """True for an int (or integral float) >= 1; False for bools, NaN, inf."""
   return (isinstance(value, (int, float)) and not isinstance(value, bool)
           and math.isfinite(value) and value >= 1 and int(value) == value)
+
+
+class FieldError(ValueError):
+  """A value of a dataclass field (method options, attack spec) is out of
+  range; ``build`` turns it into a ConfigError naming the config field."""
+
+  def __init__(self, field: str, expected: str, value: Any):
+    super().__init__(f"{field} must be {expected}, got {value!r}")
+    self.field, self.expected, self.value = field, expected, value
+
+
+def require(obj: Any, field: str, ok: bool, expected: str) -> None:
+  """In a dataclass's ``__post_init__``: raise FieldError unless ``ok``."""
+  if not ok:
+    raise FieldError(field, expected, getattr(obj, field))
+
+
+def number_in(value: Any, low: float | None = None, high: float | None = None,
+              low_open: bool = False) -> bool:
+  """A finite real number (not a bool) inside [low, high] ((low, high] with
+  ``low_open``)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return False
+  if not math.isfinite(value):
+    return False
+  if low is not None and (value <= low if low_open else value < low):
+    return False
+  return high is None or value <= high
+
+
+def build(cls: type, values: Any, prefix: str):
+  """``cls(**values)`` for a frozen dataclass, with every problem reported
+  as a ConfigError naming ``prefix.FIELD``: unknown fields, wrong values
+  (FieldError / ValueError / TypeError from ``__post_init__``)."""
+  if isinstance(values, ml_collections.ConfigDict):
+    values = values.to_dict()
+  values = dict(values or {})
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise ConfigError(f"config field '{prefix}.{unknown[0]}' is not an option"
+                      f" of {cls.__module__}.{cls.__qualname__}; known: "
+                      f"{sorted(names)}")
+  for k, v in values.items():     # ml_collections turns tuples into lists
+    if isinstance(v, list):
+      values[k] = tuple(v)
+  try:
+    return cls(**values)
+  except FieldError as e:
+    raise ConfigError(f"config field '{prefix}.{e.field}' must be "
+                      f"{e.expected}, got {e.value!r}") from None
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config field '{prefix}': {e}") from None

@@ -5,3 +5,4 @@ from tsjax.attacks.norms import (NORMS, RESTRICTIONS, ascent_direction,
                                  random_in_ball, restrict_subspace)
 from tsjax.attacks.pgd import fgsm, pgd
 from tsjax.attacks.apgd import apgd, apgd_checkpoints, apgd_targeted
+from tsjax.attacks.spec import AttackSpec, backtracking_pgd

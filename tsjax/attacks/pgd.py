@@ -90,7 +90,7 @@ def pgd(loss_fn: LossFn, x: jax.Array, key: jax.Array, *, eps, step_size,
         random_start: bool = True, bounds=None, U: jax.Array | None = None,
         restrict: str | None = None, keep_best: bool = True,
         return_loss: bool = False, start_std: float | None = None,
-        unroll: bool | None = None):
+        unroll: bool | None = None, state=None):
   """Projected gradient ascent of ``loss_fn`` in the eps-ball around ``x``.
 
   Args:
@@ -114,20 +114,31 @@ def pgd(loss_fn: LossFn, x: jax.Array, key: jax.Array, *, eps, step_size,
     unroll: unroll the step loop (the same computation in different
       compiled code, so float rounding may differ); ``None``: ``auto_unroll``
       (on the CPU backend when the loss contains a convolution).
+    state: optional pytree threaded through the objective,
+      ``loss_fn(x_adv, state) -> ([B], state)`` (a network attacked in
+      train mode updates its batch-norm running statistics at every step);
+      one restart only. The loss at the returned point is evaluated with the
+      state left as the last step made it.
   Returns:
-    ``x_adv`` [B, ...] (and its loss [B] if ``return_loss``).
+    ``x_adv`` [B, ...] (and its loss [B] if ``return_loss``); with
+    ``state``: ``(that, state)``.
   """
   _check(norm, restrict, U, steps, restarts)
+  stateful = state is not None
+  if stateful and restarts != 1:
+    raise ValueError("a stateful objective takes one restart")
+  objective = loss_fn if stateful else (lambda xa, st: (loss_fn(xa), st))
   cons = dict(U=U, restrict=restrict, bounds=bounds)
   if unroll is None:
-    unroll = auto_unroll(loss_fn, x, steps)
+    unroll = auto_unroll(lambda xa: objective(xa, state)[0], x, steps)
   loop_kw = {"unroll": True} if unroll else {}
 
-  def value_and_grad(delta):
-    vals, vjp = jax.vjp(lambda d: loss_fn(x + d), delta)
-    return vals, vjp(jnp.ones_like(vals))[0]
+  def value_and_grad(delta, st):
+    vals, vjp, st = jax.vjp(lambda d: objective(x + d, st), delta,
+                            has_aux=True)
+    return vals, vjp(jnp.ones_like(vals))[0], st
 
-  def one_run(k):
+  def one_run(k, st):
     if random_start and start_std is not None:
       delta = start_std * jax.random.normal(k, x.shape, x.dtype)
     elif random_start:
@@ -138,36 +149,38 @@ def pgd(loss_fn: LossFn, x: jax.Array, key: jax.Array, *, eps, step_size,
     step = N.batch_eps(step_size, x)
 
     def body(_, carry):
-      delta, best_delta, best_loss = carry
-      loss, g = value_and_grad(delta)
+      delta, best_delta, best_loss, st = carry
+      loss, g, st = value_and_grad(delta, st)
       better = loss > best_loss
       best_delta = jnp.where(N._bcast(better, x), delta, best_delta)
       best_loss = jnp.where(better, loss, best_loss)
       g = N.restrict_subspace(g, U, restrict)
       delta = delta + step * N.ascent_direction(g, norm)
-      return N.feasible(x, delta, eps, norm, **cons), best_delta, best_loss
+      return N.feasible(x, delta, eps, norm, **cons), best_delta, best_loss, st
 
     init_best = jnp.full((x.shape[0],), -jnp.inf, x.dtype)
-    delta, best_delta, best_loss = jax.lax.fori_loop(
-        0, int(steps), body, (delta, delta, init_best), **loop_kw)
-    last_loss = loss_fn(x + delta)
+    delta, best_delta, best_loss, st = jax.lax.fori_loop(
+        0, int(steps), body, (delta, delta, init_best, st), **loop_kw)
+    last_loss = objective(x + delta, st)[0]     # no further state update
     if keep_best:
       better = last_loss > best_loss
       best_delta = jnp.where(N._bcast(better, x), delta, best_delta)
       best_loss = jnp.where(better, last_loss, best_loss)
-      return best_delta, best_loss
-    return delta, last_loss
+      return best_delta, best_loss, st
+    return delta, last_loss, st
 
   if restarts == 1:
-    delta, loss = one_run(key)
+    delta, loss, state = one_run(key, state if stateful else ())
   else:
-    deltas, losses = jax.vmap(one_run)(jax.random.split(key, restarts))
+    deltas, losses, _ = jax.vmap(lambda k: one_run(k, ()))(
+        jax.random.split(key, restarts))
     win = jnp.argmax(losses, axis=0)                       # [B]
     delta = jnp.take_along_axis(
         deltas, win.reshape((1, -1) + (1,) * (x.ndim - 1)), axis=0)[0]
     loss = jnp.take_along_axis(losses, win[None], axis=0)[0]
   x_adv = x + delta
-  return (x_adv, loss) if return_loss else x_adv
+  out = (x_adv, loss) if return_loss else x_adv
+  return (out, state) if stateful else out
 
 
 def fgsm(loss_fn: LossFn, x: jax.Array, *, eps, norm: str = "linf",

@@ -9,11 +9,17 @@ gets the same point as the student), the student in ``attack.bn_mode``
 gradient through *both* networks (AdaAD's inner loss does not detach
 ``teacher_model(x_adv)``; neither network's variables get gradient); PGD from
 ``x + 0.001 N(0, I)`` (``attack.start_std``), ``attack.restarts`` random
-restarts vmapped with the per-example best (highest KL) kept.
+restarts vmapped; the point returned is the per-example best (highest KL)
+iterate with ``attack.keep_best=True`` (the default recipe: the worst case
+of the ball the objective asks for) or the last iterate (``False``, AdaAD's
+AT_helper.py:22-48).
 
 Outer minimisation at those points:
 ``L = tau^2 KL(T(x*) || S(x*)) + clean_weight * tau^2 KL(T(x) || S(x))``
-(KL summed over classes, averaged over the batch; teacher detached). The
+(teacher detached; ``Options.reduction``: ``"batchmean"`` sums over classes
+and averages over the batch, FunMatch's convention and the default;
+``"mean"`` divides by B * C like AdaAD's ``nn.KLDivLoss()``, main.py:342-345).
+The paper's code is not public, so both choices are fields. The
 clean term is off by default (the paper's objective); ``clean_weight =
 (1 - a) / a`` with the whole loss scaled by ``a`` gives AdaAD's
 ``a KL_adv + (1 - a) KL_clean``. Strong augmentation (e.g. AutoAugment) is
@@ -23,13 +29,30 @@ networks see.
 
 from __future__ import annotations
 
-import jax
+import dataclasses
+
 import jax.numpy as jnp
 
+from tsjax import config_checks as cc
 from tsjax import losses
-from tsjax.attacks import pgd
+from tsjax.attacks import AttackSpec
 from tsjax.methods.common import accuracy, forward, logits_fn
 from tsjax.methods.distill import teacher_logits, teacher_logits_fn
+from tsjax.methods.registry import Method
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  temperature: float = 1.0
+  clean_weight: float = 0.0
+  reduction: str = "batchmean"
+
+  def __post_init__(self):
+    cc.require(self, "temperature",
+               cc.number_in(self.temperature, 0, low_open=True), "> 0")
+    cc.require(self, "clean_weight", cc.number_in(self.clean_weight, 0), ">= 0")
+    cc.require(self, "reduction", self.reduction in losses.KL_REDUCTIONS[:3],
+               f"one of {list(losses.KL_REDUCTIONS[:3])}")
 
 
 def mismatch_kl(teacher, student, params, model_state, ctx, *,
@@ -45,21 +68,19 @@ def mismatch_kl(teacher, student, params, model_state, ctx, *,
 
 
 def mismatched_examples(teacher, student, params, model_state, ctx, x, key,
-                        attack, *, temperature: float = 1.0):
+                        attack: AttackSpec, *, temperature: float = 1.0):
   """The inner maximisation: ``(x*, KL at x*)`` (no gradient)."""
   obj = mismatch_kl(teacher, student, params, model_state, ctx,
                     temperature=temperature, bn_mode=attack.bn_mode)
-  x_adv, kl_adv = pgd(obj, x, key, eps=attack.eps, step_size=attack.step_size,
-                      steps=attack.steps, norm=attack.norm,
-                      restarts=attack.restarts,
-                      random_start=attack.random_start,
-                      start_std=attack.start_std, bounds=attack.bounds,
-                      keep_best=True, return_loss=True)
-  return jax.lax.stop_gradient(x_adv), jax.lax.stop_gradient(kl_adv)
+  return attack.run(obj, x, key, return_loss=True)
 
 
-def make_loss(student, teacher, attack, *, temperature: float = 1.0,
-              clean_weight: float = 0.0):
+def make_loss(student, *, teacher, attack: AttackSpec,
+              options: Options = Options()):
+  temperature, clean_weight = options.temperature, options.clean_weight
+  kl = lambda t, s: temperature ** 2 * losses.kl(
+      t, s, temperature=temperature, reduction=options.reduction)
+
   def loss_fn(params, model_state, batch, key, ctx):
     x, y = batch["image"], batch["label"]
     x_adv, inner = mismatched_examples(teacher, student, params, model_state,
@@ -67,14 +88,19 @@ def make_loss(student, teacher, attack, *, temperature: float = 1.0,
                                        temperature=temperature)
     t_adv = teacher_logits(teacher, ctx, x_adv)
     s_adv, model_state = forward(student, params, model_state, x_adv, True)
-    adv = temperature ** 2 * losses.kl(t_adv, s_adv, temperature=temperature)
+    adv = kl(t_adv, s_adv)
     loss, metrics = adv, {}
     if clean_weight:
       t_nat = teacher_logits(teacher, ctx, x)
       s_nat, model_state = forward(student, params, model_state, x, True)
-      nat = temperature ** 2 * losses.kl(t_nat, s_nat, temperature=temperature)
+      nat = kl(t_nat, s_nat)
       loss = adv + clean_weight * nat
       metrics = {"kl_clean": nat, "acc": accuracy(s_nat, y)}
     return loss, ({"loss": loss, "kl_adv": adv, "inner_kl": jnp.mean(inner),
                    "adv_acc": accuracy(s_adv, y), **metrics}, model_state)
   return loss_fn
+
+
+METHOD = Method("advfunmatch", make_loss, Options, needs_teacher=True,
+                reference="Wu et al. 2023 (code not public); inner/outer as "
+                          "AdaAD (main.py, AT_helper.py) with alpha = 1")

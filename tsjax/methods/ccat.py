@@ -14,25 +14,49 @@ Loss = 0.5 * clean + 0.5 * adversarial.
 
 Image classification (``make_loss``): half of each batch clean with one-hot
 targets, half attacked by maximising the largest non-true-class probability
-(CCAT's training objective; plain sign-gradient PGD here, where the reference
-adds momentum and backtracking) and trained towards
-``(1 - lambda) onehot(y) + lambda / C``. Evaluation rejects low-confidence
-inputs: ``confidence_threshold`` picks tau so 99% of correctly classified
-clean test examples are kept (99% TPR), and ``thresholded_errors`` counts an
-adversarial example as an error only if it is misclassified with confidence
->= tau.
+(CCAT's F7P objective; the recipes use the reference's optimiser, momentum
+0.9 with backtracking, ``AttackSpec(optimizer="backtrack", start="mixed")``)
+and trained towards ``(1 - lambda) onehot(y) + lambda / C``. Evaluation
+rejects low-confidence inputs: ``confidence_threshold`` picks tau so a
+fraction ``Options.tpr`` (99%) of correctly classified clean test examples is
+kept, and ``thresholded_errors`` counts an adversarial example as an error
+only if it is misclassified with confidence >= tau. The test-set confidence
+attack (``test_attacks``) is the training attack at the evaluation radius
+with ``Options.eval_restarts`` restarts, the best kept per example.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from tsjax import config_checks as cc
 from tsjax import losses
-from tsjax.attacks import per_example_norm
-from tsjax.methods.common import accuracy, forward, logits_fn, run_attack
-from tsjax.methods.teacher_student import (AttackConfig, Networks,
-                                           regression_loss, worst_case_inputs)
+from tsjax.attacks import AttackSpec, per_example_norm
+from tsjax.methods.common import accuracy, attack_model, forward
+from tsjax.methods.registry import Method
+from tsjax.methods.teacher_student import (Networks, regression_loss,
+                                           worst_case_inputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  rho: float = 10.0              # power of the transition lambda(delta)
+  clean_fraction: float = 0.5    # first part of each batch trained clean
+  tpr: float = 0.99              # evaluation: clean correct examples kept
+  eval_restarts: int = 1         # restarts of the test-set confidence attack
+
+  def __post_init__(self):
+    cc.require(self, "rho", cc.number_in(self.rho, 0, low_open=True), "> 0")
+    cc.require(self, "clean_fraction", cc.number_in(self.clean_fraction, 0, 1),
+               "in [0, 1]")
+    cc.require(self, "tpr", cc.number_in(self.tpr, 0, 1, low_open=True),
+               "in (0, 1]")
+    cc.require(self, "eval_restarts", cc.is_positive_int(self.eval_restarts),
+               "an integer >= 1")
 
 
 def ccat_lambda(delta_norm: jax.Array, eps, rho: float) -> jax.Array:
@@ -44,7 +68,7 @@ def ccat_lambda(delta_norm: jax.Array, eps, rho: float) -> jax.Array:
   return 1.0 - (1.0 - r) ** rho
 
 
-def make_ts_loss(nets: Networks, attack: AttackConfig, rho: float,
+def make_ts_loss(nets: Networks, attack: AttackSpec, rho: float,
                  clean_fraction: float = 0.5):
   def loss_fn(params, model_state, batch, key, ctx):
     x = batch["x"]
@@ -61,16 +85,20 @@ def make_ts_loss(nets: Networks, attack: AttackConfig, rho: float,
   return loss_fn
 
 
-def make_loss(model, attack, rho: float = 10.0, clean_fraction: float = 0.5):
-  """Image CCAT loss; ``attack`` is a ``methods.common.ImageAttack`` (linf)."""
+def make_loss(model, *, teacher=None, attack: AttackSpec,
+              options: Options = Options()):
+  """Image CCAT loss (see the module docstring)."""
+  del teacher
+  rho, clean_fraction = options.rho, options.clean_fraction
+
   def loss_fn(params, model_state, batch, key, ctx):
     del ctx
     x, y = batch["image"], batch["label"]
     n_clean = int(round(clean_fraction * x.shape[0]))
-    f = logits_fn(model, params, model_state, attack.bn_mode)
     x_rest, y_rest = x[n_clean:], y[n_clean:]
-    x_adv = run_attack(attack, lambda xa: max_other_prob(f(xa), y_rest),
-                       x_rest, key)
+    x_adv, model_state = attack_model(
+        attack, model, params, model_state, x_rest, key,
+        lambda logits, _: max_other_prob(logits, y_rest))
     lam = ccat_lambda(per_example_norm(x_adv - x_rest, attack.norm),
                       attack.eps, rho)
     logits, model_state = forward(model, params, model_state,
@@ -100,7 +128,6 @@ def max_other_prob(logits, labels):
 def confidence_threshold(clean_conf, clean_correct, tpr: float = 0.99):
   """tau such that a fraction ``tpr`` of correctly classified clean examples
   have confidence >= tau (host-side NumPy)."""
-  import numpy as np
   conf = np.sort(np.asarray(clean_conf)[np.asarray(clean_correct, bool)])
   if conf.size == 0:
     raise ValueError("no correctly classified clean example to calibrate on")
@@ -116,7 +143,6 @@ def thresholded_errors(tau, clean_correct, adv_conf, adv_correct) -> dict:
   Also returns the clean error, the fraction of adversarial examples rejected
   and the unthresholded robust error.
   """
-  import numpy as np
   clean_correct = np.asarray(clean_correct, bool)
   adv_conf = np.asarray(adv_conf)
   adv_correct = np.asarray(adv_correct, bool)
@@ -127,3 +153,32 @@ def thresholded_errors(tau, clean_correct, adv_conf, adv_correct) -> dict:
           "robust_error_unthresholded": float(np.mean(~clean_correct |
                                                       ~adv_correct)),
           "adv_rejected": float(np.mean(adv_conf < tau))}
+
+
+def test_attacks(eval_attack: AttackSpec, train_attack: AttackSpec,
+                 options: Options) -> dict:
+  """The confidence attack of the test evaluation: the training attack's
+  optimiser (F7P) at the evaluation radius, ``options.eval_restarts``
+  restarts with the best kept."""
+  return {"pgd_conf": ("conf", train_attack.replace(
+      eps=eval_attack.eps, restarts=int(options.eval_restarts),
+      keep_best=True, bn_mode="eval"))}
+
+
+def report(per_example: dict, options: Options) -> dict:
+  """Confidence-thresholded robust error at ``options.tpr`` under the
+  confidence attack (``ccat_*`` fields of a results row)."""
+  tau = confidence_threshold(per_example["clean/conf"],
+                             per_example["clean/correct"], options.tpr)
+  th = thresholded_errors(tau, per_example["clean/correct"],
+                          per_example["pgd_conf/conf"],
+                          per_example["pgd_conf/correct"])
+  row = {f"ccat_{k}": v for k, v in th.items()}
+  row["ccat_conf_attack_acc"] = float(np.mean(per_example["pgd_conf/correct"]))
+  return row
+
+
+METHOD = Method("ccat", make_loss, Options, test_attacks=test_attacks,
+                report=report,
+                reference="davidstutz/confidence-calibrated-adversarial-"
+                          "training (experiments/config/common.py)")

@@ -2,10 +2,11 @@
 
 ``forward`` runs a Flax model in train mode (batch statistics used and
 updated; the new ``model_state`` is returned) or eval mode (running
-statistics; ``model_state`` returned unchanged). ``ImageAttack`` describes the
-inner maximisation of a method, including the batch-norm mode used while
-attacking (``"eval"``: running statistics, the common choice; ``"train"``:
-batch statistics as in ARD/IAD code, with the statistic updates discarded).
+statistics; ``model_state`` returned unchanged). ``attack_model`` runs a
+method's inner maximisation (an ``AttackSpec``) against a network in the
+spec's batch-norm mode: ``"eval"`` (running statistics, the common choice)
+or ``"train"`` (batch statistics, every attack step updating the running
+statistics, as the ARD / IAD reference code does).
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from tsjax import losses
-from tsjax.attacks import pgd
-
-BN_MODES = ("eval", "train")
+from tsjax.attacks import AttackSpec
 
 
 def variables(params, model_state):
@@ -36,35 +35,24 @@ def forward(model, params, model_state, x, train: bool):
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageAttack:
-  """A PGD inner maximisation in pixel units (inputs in [0, 1])."""
-  norm: str = "linf"
-  eps: float = 8 / 255
-  step_size: float = 2 / 255
-  steps: int = 10
-  bn_mode: str = "eval"
-  random_start: bool = True
-  start_std: float | None = None    # Gaussian start (TRADES, RSLAD: 0.001)
-  restarts: int = 1
-  bounds: tuple = (0.0, 1.0)
-
-  def __post_init__(self):
-    if self.bn_mode not in BN_MODES:
-      raise ValueError(f"attack bn_mode must be one of {BN_MODES}, got "
-                       f"{self.bn_mode!r}")
-
-
-@dataclasses.dataclass(frozen=True)
 class ModelLogits:
   """``(variables, x) -> logits`` of ``model`` with ``variables = (params,
   model_state)``, no state update, no gradient to the parameters. Hashable
   and equal for equal models, so attacks compiled for it can take the
   parameters as an argument and be reused for other parameters
-  (``autoattack(ModelLogits(model), x, y, key, params=(params, state))``)."""
+  (``autoattack(ModelLogits(model), x, y, key, params=(params, state))``).
+
+  ``key`` (optional) is accepted and ignored: the forward pass is
+  deterministic (eval-mode layers, or batch statistics of ``x`` with
+  ``bn_mode="train"``), so the same function serves callers that pass a
+  random draw per call, as AutoAttack's ``version="rand"`` does
+  (``logits_fn(params, x, key)``); its EOT average then equals the plain
+  logits' log-softmax."""
   model: object
   bn_mode: str = "eval"
 
-  def __call__(self, variables, x):
+  def __call__(self, variables, x, key=None):
+    del key   # deterministic forward pass (see the class docstring)
     params, model_state = variables
     return forward(self.model, jax.lax.stop_gradient(params), model_state, x,
                    self.bn_mode == "train")[0]
@@ -75,19 +63,38 @@ def logits_fn(model, params, model_state, bn_mode: str = "eval"):
   return functools.partial(ModelLogits(model, bn_mode), (params, model_state))
 
 
-def run_attack(att: ImageAttack, loss_of_x, x, key):
-  """Maximises ``loss_of_x(x_adv) -> [B]``; returns a gradient-free x_adv."""
-  x_adv = pgd(loss_of_x, x, key, eps=att.eps, step_size=att.step_size,
-              steps=att.steps, norm=att.norm, restarts=att.restarts,
-              random_start=att.random_start, start_std=att.start_std,
-              bounds=att.bounds, keep_best=False)
-  return jax.lax.stop_gradient(x_adv)
+def attack_model(attack: AttackSpec, model, params, model_state, x, key,
+                 objective):
+  """Maximises ``objective(logits, x_adv) -> [B]`` over the ball around
+  ``x``, the network ``model`` run in ``attack.bn_mode`` with its
+  parameters held fixed. Returns ``(x_adv, model_state)``: in ``"train"``
+  mode the running statistics after one update per attack step (the loss at
+  the returned point is not counted), else ``model_state`` unchanged."""
+  params = jax.lax.stop_gradient(params)
+  if attack.bn_mode == "train" and model_state:
+    def stateful(xa, st):
+      logits, st = forward(model, params, st, xa, True)
+      return objective(logits, xa), st
+    return attack.run(stateful, x, key, state=model_state)
+  f = logits_fn(model, params, model_state, attack.bn_mode)
+  return attack.run(lambda xa: objective(f(xa), xa), x, key), model_state
 
 
-def ce_attack(model, params, model_state, x, y, key, att: ImageAttack):
-  """PGD on the cross-entropy with the true labels (Madry et al.)."""
-  f = logits_fn(model, params, model_state, att.bn_mode)
-  return run_attack(att, lambda xa: losses.cross_entropy(f(xa), y), x, key)
+def ce_attack(model, params, model_state, x, y, key, attack: AttackSpec):
+  """PGD on the cross-entropy with the true labels (Madry et al.);
+  ``(x_adv, model_state)``."""
+  return attack_model(attack, model, params, model_state, x, key,
+                      lambda logits, _: losses.cross_entropy(logits, y))
+
+
+def state_updates(model, params, model_state, x, count: int):
+  """``count`` train-mode passes at ``x`` whose outputs a reference computes
+  and discards (or uses detached): only their batch-norm running-statistic
+  updates are kept, so the statistics match the reference's."""
+  params = jax.lax.stop_gradient(params)
+  for _ in range(count):
+    _, model_state = forward(model, params, model_state, x, True)
+  return jax.lax.stop_gradient(model_state)
 
 
 def accuracy(logits, labels):

@@ -15,12 +15,29 @@ with tau = 1 in the paper. Labels are used only for the logged accuracy
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from tsjax import config_checks as cc
 from tsjax import losses
 from tsjax.methods.common import accuracy, forward
 from tsjax.methods.distill import teacher_logits
+from tsjax.methods.registry import Method
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  temperature: float = 1.0
+  mixup_alpha: float = 1.0
+  reduction: str = "batchmean"
+
+  def __post_init__(self):
+    cc.require(self, "temperature", cc.number_in(self.temperature, 0, low_open=True), "> 0")
+    cc.require(self, "mixup_alpha", cc.number_in(self.mixup_alpha, 0), ">= 0")
+    cc.require(self, "reduction", self.reduction in losses.KL_REDUCTIONS[:3],
+               f"one of {list(losses.KL_REDUCTIONS[:3])}")
 
 
 def funmatch_mixup(key, x, mixup_alpha: float = 1.0):
@@ -33,8 +50,11 @@ def funmatch_mixup(key, x, mixup_alpha: float = 1.0):
   return a * x + (1.0 - a) * jnp.roll(x, 1, axis=0), a
 
 
-def make_loss(student, teacher, *, temperature: float = 1.0,
-              mixup_alpha: float = 1.0, reduction: str = "batchmean"):
+def make_loss(student, *, teacher, attack=None, options: Options = Options()):
+  del attack
+  temperature, mixup_alpha, reduction = (options.temperature,
+                                         options.mixup_alpha, options.reduction)
+
   def loss_fn(params, model_state, batch, key, ctx):
     x, y = batch["image"], batch["label"]
     x_mix, a = funmatch_mixup(key, x, mixup_alpha)
@@ -46,3 +66,9 @@ def make_loss(student, teacher, *, temperature: float = 1.0,
                    "teacher_agreement": jnp.mean(
                        jnp.argmax(s, -1) == jnp.argmax(t, -1))}, model_state)
   return loss_fn
+
+
+METHOD = Method("funmatch", make_loss, Options, needs_teacher=True,
+                uses_attack=False,
+                reference="google-research/big_vision configs/proj/distill "
+                          "(function matching)")

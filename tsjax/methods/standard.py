@@ -8,12 +8,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from tsjax import config_checks as cc
 from tsjax import losses
 from tsjax.methods.common import accuracy, forward
+from tsjax.methods.registry import Method
 from tsjax.methods.teacher_student import Networks, regression_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  label_smoothing: float = 0.0
+
+  def __post_init__(self):
+    cc.require(self, "label_smoothing",
+               cc.number_in(self.label_smoothing, 0, 1), "in [0, 1]")
 
 
 def make_ts_loss(nets: Networks):
@@ -24,12 +37,16 @@ def make_ts_loss(nets: Networks):
   return loss_fn
 
 
-def make_loss(model, label_smoothing: float = 0.0):
+def make_loss(model, *, teacher=None, attack=None,
+              options: Options = Options()):
   """Image classification: mean cross-entropy on the (augmented) batch.
 
   ``batch = {"image": [B, H, W, C] in [0, 1], "label": [B] ints or [B, C]
   probabilities (mixup / CutMix)}``.
   """
+  del teacher, attack
+  label_smoothing = options.label_smoothing
+
   def loss_fn(params, model_state, batch, key, ctx):
     del key, ctx
     y = batch["label"]
@@ -43,3 +60,7 @@ def make_loss(model, label_smoothing: float = 0.0):
     return loss, ({"loss": loss, "acc": accuracy(logits, batch["label"])},
                   model_state)
   return loss_fn
+
+
+METHOD = Method("standard", make_loss, Options, uses_attack=False,
+                reference="cross-entropy training (no attack)")

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from tsjax import losses
-from tsjax.attacks import pgd
+from tsjax.attacks import AttackSpec
 from tsjax.models.mlp import MLP
 
 
@@ -45,17 +45,6 @@ class Networks:
     return ht, hs
 
 
-@dataclasses.dataclass(frozen=True)
-class AttackConfig:
-  """A PGD attack in absolute units (eps and step size in input units)."""
-  norm: str = "l2"
-  eps: float = 1.0
-  step_size: float = 0.5
-  steps: int = 5
-  restarts: int = 1
-  restrict: str | None = None
-
-
 def disagreement(nets: Networks, params, ctx):
   """Per-example teacher–student squared error at an input: ``x -> [B]``."""
   def fn(x):
@@ -64,14 +53,20 @@ def disagreement(nets: Networks, params, ctx):
   return fn
 
 
-def worst_case_inputs(nets: Networks, params, ctx, x, key, att: AttackConfig):
+def ts_attack(norm: str, eps: float, step_size: float, steps: int,
+              restarts: int = 1, restrict: str | None = None) -> AttackSpec:
+  """The study's attacks: uniform start in the ball, no box, the best
+  iterate (and restart) kept per example."""
+  return AttackSpec(norm=norm, eps=eps, step_size=step_size, steps=int(steps),
+                    restarts=int(restarts), restrict=restrict, keep_best=True,
+                    bounds=None)
+
+
+def worst_case_inputs(nets: Networks, params, ctx, x, key, att: AttackSpec):
   """Inputs in the ball around ``x`` maximising the teacher–student error
   (student parameters held fixed; no gradient flows out of the attack)."""
   params = jax.lax.stop_gradient(params)
-  x_adv = pgd(disagreement(nets, params, ctx), x, key, eps=att.eps,
-              step_size=att.step_size, steps=att.steps, norm=att.norm,
-              restarts=att.restarts, U=ctx["U"], restrict=att.restrict)
-  return jax.lax.stop_gradient(x_adv)
+  return att.run(disagreement(nets, params, ctx), x, key, U=ctx["U"])
 
 
 def regression_loss(nets: Networks, params, ctx, x, target=None):

@@ -9,21 +9,39 @@ forward passes in train mode and gradient flowing through both ``f(x)`` and
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from tsjax import config_checks as cc
 from tsjax import losses
-from tsjax.methods.common import accuracy, forward, logits_fn, run_attack
+from tsjax.attacks import AttackSpec
+from tsjax.methods.common import accuracy, attack_model, forward, logits_fn
+from tsjax.methods.registry import Method
 
 
-def make_loss(model, attack, beta: float = 6.0):
+@dataclasses.dataclass(frozen=True)
+class Options:
+  beta: float = 6.0
+
+  def __post_init__(self):
+    cc.require(self, "beta", cc.number_in(self.beta, 0), "a number >= 0")
+
+
+def make_loss(model, *, teacher=None, attack: AttackSpec,
+              options: Options = Options()):
+  del teacher
+  beta = options.beta
+
   def loss_fn(params, model_state, batch, key, ctx):
     del ctx
     x, y = batch["image"], batch["label"]
-    f = logits_fn(model, params, model_state, attack.bn_mode)
-    p_clean = jax.lax.stop_gradient(f(x))
-    x_adv = run_attack(attack, lambda xa: losses.kl(p_clean, f(xa),
-                                                    reduction="none"), x, key)
+    p_clean = jax.lax.stop_gradient(
+        logits_fn(model, params, model_state, attack.bn_mode)(x))
+    x_adv, model_state = attack_model(
+        attack, model, params, model_state, x, key,
+        lambda logits, _: losses.kl(p_clean, logits, reduction="none"))
     logits, model_state = forward(model, params, model_state, x, train=True)
     logits_adv, model_state = forward(model, params, model_state, x_adv,
                                       train=True)
@@ -34,3 +52,7 @@ def make_loss(model, attack, beta: float = 6.0):
                    "acc": accuracy(logits, y),
                    "adv_acc": accuracy(logits_adv, y)}, model_state)
   return loss_fn
+
+
+METHOD = Method("trades", make_loss, Options,
+                reference="yaodongyu/TRADES train_trades_cifar10.py")

@@ -17,16 +17,14 @@ import jax
 import jax.numpy as jnp
 
 from tsjax import losses
-from tsjax.attacks import pgd
-from tsjax.methods.teacher_student import AttackConfig, Networks, disagreement
+from tsjax.attacks import AttackSpec
+from tsjax.methods.teacher_student import Networks, disagreement
 
 
 def robust_regression_error(nets: Networks, params, ctx, x, key,
-                            att: AttackConfig) -> jax.Array:
+                            att: AttackSpec) -> jax.Array:
   """Per-example worst-case MSE (mean over outputs) in the ball; [N]."""
-  x_adv = pgd(disagreement(nets, params, ctx), x, key, eps=att.eps,
-              step_size=att.step_size, steps=att.steps, norm=att.norm,
-              restarts=att.restarts, U=ctx["U"], restrict=att.restrict)
+  x_adv = att.run(disagreement(nets, params, ctx), x, key, U=ctx["U"])
   return losses.mean_squared_error(nets.student_out(params, x_adv),
                                    nets.teacher_out(ctx, x_adv))
 
