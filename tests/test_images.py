@@ -1,5 +1,6 @@
-"""tsjax.data.images: IDX parsing, Fashion-MNIST, TFDS (mock and a real
-ArrayRecord build), TinyImageNet folders, validation split, batch iterators.
+"""tsjax.data.images: IDX parsing, Fashion-MNIST, pickled CIFAR folders, TFDS
+(mock and a real ArrayRecord build, ``tfds:NAME``), TinyImageNet folders, the
+``data.name`` check, validation split, batch iterators.
 
 No test touches the network: the TFDS tests block sockets.
 """
@@ -8,13 +9,16 @@ import functools
 import gzip
 import io
 import os
+import pickle
 import socket
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from tsjax.config_checks import ConfigError
 from tsjax.data import images as I
 
 FMNIST = I.DEFAULT_FASHION_MNIST_DIR
@@ -160,6 +164,8 @@ def test_tfds_not_prepared_error(tmp_path, no_network):
   assert "download_and_prepare" in msg and "data.data_dir" in msg
   assert isinstance(err.value, FileNotFoundError)
   assert os.listdir(tmp_path) == []  # nothing downloaded or written
+  # CIFAR's message also offers the pickled folder.
+  assert "cifar-10-batches-py/" in msg and "cifar-10-python.tar.gz" in msg
   with pytest.raises(ValueError, match="unknown TFDS data set"):
     I.load_tfds("no_such_dataset_xyz", "train", tmp_path)
 
@@ -222,6 +228,231 @@ def test_tfds_real_array_record_build(tmp_path, no_network, monkeypatch):
   assert len(I.load_tfds("tsjax_test_images", "test", tmp_path)) == 6
 
 
+# ------------------------------------------------------ pickled CIFAR folders
+
+def _cifar_pixels(n, seed):
+  return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3),
+                                              dtype=np.uint8)
+
+
+def _write_cifar_pickle(path, obj, numpy1_globals):
+  """Protocol 2 with bytes keys, as the CIFAR site's files; with
+  ``numpy1_globals`` the arrays name ``numpy.core.multiarray`` like files
+  written by NumPy 1 / Python 2 (the real archives), else ``numpy._core``."""
+  raw = pickle.dumps(obj, protocol=2)
+  if numpy1_globals and b"_reconstruct" in raw:  # (the meta file has none)
+    raw = raw.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+    assert b"numpy.core.multiarray\n_reconstruct" in raw
+  path.write_bytes(raw)
+
+
+def _fake_cifar(root, name, n=3, numpy1_globals=True):
+  """A tiny pickled folder under ``root``; returns ``{split: (images,
+  labels)}`` as NHWC uint8 / int."""
+  folder = root / {"cifar10": "cifar-10-batches-py",
+                   "cifar100": "cifar-100-python"}[name]
+  folder.mkdir(parents=True)
+  classes = 10 if name == "cifar10" else 100
+  files = ({"train": [f"data_batch_{i}" for i in range(1, 6)],
+            "test": ["test_batch"]} if name == "cifar10"
+           else {"train": ["train"], "test": ["test"]})
+  out = {}
+  for split, names in files.items():
+    imgs, labs = [], []
+    for j, file in enumerate(names):
+      x = _cifar_pixels(n + j, seed=len(imgs) + 10 * (split == "test"))
+      y = [(7 * k + j) % classes for k in range(n + j)]
+      data = x.transpose(0, 3, 1, 2).reshape(len(x), 3072)  # RRR..GGG..BBB..
+      entry = {b"batch_label": file.encode(), b"data": data,
+               b"filenames": [b"f%d.png" % k for k in range(len(x))]}
+      if name == "cifar10":
+        entry[b"labels"] = y
+      else:
+        entry[b"fine_labels"] = y
+        entry[b"coarse_labels"] = [v // 5 for v in y]
+      _write_cifar_pickle(folder / file, entry, numpy1_globals)
+      imgs.append(x)
+      labs += y
+    out[split] = (np.concatenate(imgs), np.asarray(labs))
+  meta = ({b"label_names": [b"c%d" % k for k in range(10)]} if name == "cifar10"
+          else {b"fine_label_names": [b"f%d" % k for k in range(100)],
+                b"coarse_label_names": [b"c%d" % k for k in range(20)]})
+  meta_file = "batches.meta" if name == "cifar10" else "meta"
+  _write_cifar_pickle(folder / meta_file, meta, numpy1_globals)
+  return folder, out
+
+
+@pytest.mark.parametrize("name,numpy1_globals", [("cifar10", True),
+                                                 ("cifar100", False)])
+def test_cifar_pickled_folder(tmp_path, name, numpy1_globals):
+  folder, want = _fake_cifar(tmp_path, name, numpy1_globals=numpy1_globals)
+  # data_dir holding the folder, or the folder itself, through load_dataset.
+  for data_dir in (tmp_path, folder):
+    for split in ("train", "test"):
+      ds = I.load_dataset(name, split, data_dir)
+      np.testing.assert_array_equal(ds.images, want[split][0])
+      np.testing.assert_array_equal(ds.labels, want[split][1])
+      assert ds.images.dtype == np.uint8 and ds.images.flags.c_contiguous
+      assert ds.labels.dtype == np.int32 and ds.split == split
+      assert ds.name == name and ds.image_shape == (32, 32, 3)
+      assert ds.num_classes == I.dataset_num_classes(name)
+      assert (ds.mean, ds.std) == I.dataset_stats(name)  # as the TFDS path
+  n_train = 3 + 4 + 5 + 6 + 7 if name == "cifar10" else 3
+  assert len(I.load_dataset(name, "train", tmp_path)) == n_train
+  with pytest.raises(ValueError, match="'train' or 'test'"):
+    I.load_cifar_pickle(name, "train[:90%]", folder)
+
+
+def test_cifar_pickle_pixel_layout(tmp_path):
+  """``data`` rows are 1024 R, 1024 G, 1024 B values in row-major order."""
+  folder, _ = _fake_cifar(tmp_path, "cifar10", n=1)
+  row = np.arange(3072) % 251
+  _write_cifar_pickle(folder / "test_batch",
+                      {b"data": row[None].astype(np.uint8), b"labels": [3]},
+                      True)
+  ds = I.load_cifar_pickle("cifar10", "test", tmp_path)
+  c, h, w = 2, 5, 7
+  assert ds.images[0, h, w, c] == row[c * 1024 + h * 32 + w]
+  assert list(ds.labels) == [3]
+
+
+def test_cifar_pickle_missing_and_bad_files(tmp_path):
+  folder, _ = _fake_cifar(tmp_path, "cifar10")
+  os.remove(folder / "data_batch_3")
+  with pytest.raises(I.DatasetNotPreparedError) as err:
+    I.load_dataset("cifar10", "train", tmp_path)
+  msg = str(err.value)
+  assert "'data_batch_3' not found" in msg and "data.data_dir" in msg
+  assert "cifar-10-python.tar.gz" in msg and "tar xzf" in msg
+  assert len(I.load_dataset("cifar10", "test", tmp_path)) == 3  # test intact
+  _write_cifar_pickle(folder / "test_batch",
+                      {b"data": np.zeros((2, 3071), np.uint8),
+                       b"labels": [0, 1]}, False)
+  with pytest.raises(ValueError, match=r"uint8 data \[N, 3072\]"):
+    I.load_dataset("cifar10", "test", tmp_path)
+  _write_cifar_pickle(folder / "test_batch",
+                      {b"data": np.zeros((2, 3072), np.uint8),
+                       b"labels": [0, 10]}, False)
+  with pytest.raises(ValueError, match="labels must be in 0..9"):
+    I.load_dataset("cifar10", "test", tmp_path)
+  (folder / "test_batch").write_bytes(b"not a pickle")
+  with pytest.raises(ValueError, match="not a readable CIFAR pickle"):
+    I.load_dataset("cifar10", "test", tmp_path)
+
+
+class _Exploit:
+  def __reduce__(self):
+    return (os.mkdir, ("PWNED",))
+
+
+def test_cifar_pickle_refuses_code(tmp_path, monkeypatch):
+  """A pickle naming any other global (here os.mkdir) is refused unrun."""
+  folder, _ = _fake_cifar(tmp_path, "cifar10")
+  (folder / "test_batch").write_bytes(pickle.dumps(
+      {b"data": _Exploit(), b"labels": []}, protocol=2))
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match="refusing to load the global"):
+    I.load_dataset("cifar10", "test", tmp_path)
+  assert not (tmp_path / "PWNED").exists()
+
+
+def test_cifar_without_pickled_folder_uses_tfds(tmp_path, no_network):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  _fake_cifar(tmp_path, "cifar100")  # CIFAR-100's folder: not CIFAR-10's
+  assert I.find_cifar_folder("cifar10", tmp_path) is None
+  with tfds.testing.mock_data(num_examples=5):
+    ds = I.load_dataset("cifar10", "train", tmp_path)
+    # "tfds:" forces TFDS even where the pickled folder exists.
+    ds100 = I.load_dataset("tfds:cifar100", "train", tmp_path)
+  assert len(ds) == 5 and ds.num_classes == 10
+  assert len(ds100) == 5 and ds100.num_classes == 100
+  assert (ds100.mean, ds100.std) == I.dataset_stats("cifar100")
+
+
+# -------------------------------------------------------------- tfds:NAME
+
+def test_tfds_name_any_image_classification_data_set(tmp_path, no_network):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=9):
+    train = I.load_dataset("tfds:mnist", "train", tmp_path)
+    test = I.load_dataset("tfds:mnist", "test", tmp_path)
+    svhn = I.load_dataset("tfds:svhn_cropped", "test", tmp_path)  # test first
+    svhn_train = I.load_tfds("svhn_cropped", "train", tmp_path)
+    assert I.dataset_num_classes("tfds:svhn_cropped", tmp_path) == 10
+    assert I.dataset_stats("tfds:svhn_cropped", tmp_path) == (
+        svhn_train.mean, svhn_train.std)
+  assert train.images.shape == (9, 28, 28, 1) and train.num_classes == 10
+  assert train.images.dtype == np.uint8 and train.labels.dtype == np.int32
+  assert train.name == "mnist" and train.split == "train"
+  # mean / std: the train split's, on every split.
+  mean, std = I.channel_stats(train.images)
+  assert (train.mean, train.std) == (mean, std) == (test.mean, test.std)
+  assert len(mean) == 1 and 0 < mean[0] < 1 and std[0] > 0
+  assert svhn.images.shape == (9, 32, 32, 3) and svhn.num_classes == 10
+  assert (svhn.mean, svhn.std) == I.channel_stats(svhn_train.images)
+  assert len(svhn.mean) == 3
+
+
+def test_tfds_name_errors(tmp_path, no_network):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with pytest.raises(ValueError, match="unknown TFDS data set.*data.name"):
+    I.load_dataset("tfds:no_such_dataset_xyz", "train", tmp_path)
+  with pytest.raises(I.DatasetNotPreparedError, match="tfds build mnist"):
+    I.load_dataset("tfds:mnist", "train", tmp_path)
+  with tfds.testing.mock_data(num_examples=4):
+    # Mock oxford_flowers102 images have random sizes.
+    with pytest.raises(ValueError, match="images have different shapes"):
+      I.load_dataset("tfds:oxford_flowers102", "train", tmp_path)
+    with pytest.raises(ValueError, match="no feature 'img'"):
+      I.load_tfds("mnist", "train", tmp_path, image_key="img")
+
+
+# ------------------------------------------------------------ data.name check
+
+def test_tfds_feature_keys_inferred():
+  """Non-standard feature names: the only image / ClassLabel feature."""
+
+  class Feature:
+    def __init__(self, shape=(), num_classes=None):
+      self.shape = shape
+      if num_classes is not None:
+        self.num_classes = num_classes
+
+  class Source:
+    def __init__(self, **features):
+      self.dataset_info = type("Info", (), {"features": features})()
+
+  src = Source(img=Feature((8, 8, 3)), cls=Feature(num_classes=5),
+               id=Feature(), mask=Feature((8, 8)))
+  assert I._feature_keys(src, "x") == ("img", "cls")
+  src = Source(image=Feature((8, 8, 1)), label=Feature(num_classes=2),
+               other=Feature(num_classes=7))
+  assert I._feature_keys(src, "x") == ("image", "label")
+  src = Source(a=Feature((8, 8, 3)), b=Feature((4, 4, 3)),
+               cls=Feature(num_classes=5))
+  with pytest.raises(ValueError, match="which feature is the image.*image_key"):
+    I._feature_keys(src, "x")
+  assert I._feature_keys(src, "x", image_key="b") == ("b", "cls")
+
+
+def test_check_name():
+  for name in ("cifar10", "fashion_mnist", "tiny_imagenet", "tfds:mnist",
+               "tfds:imagenette/160px:1.0.0", "tfds:cifar10:3.*"):
+    cfg = ml_collections.ConfigDict({"data": {"name": name}})
+    assert I.check_name(cfg) == name
+  for name, match in (("svhn", "must be one of.*'tfds:NAME'.*got 'svhn'"),
+                      ("tfds:", "must be 'tfds:' followed by a TFDS data"),
+                      ("tfds:Bad Name", "must be 'tfds:'.*got 'tfds:Bad Name'"),
+                      (3, "must be one of.*got 3")):
+    cfg = ml_collections.ConfigDict({"data": {"name": name}})
+    with pytest.raises(ConfigError, match="config field 'data.name' " + match):
+      I.check_name(cfg)
+  with pytest.raises(ConfigError, match="'data.name' is missing"):
+    I.check_name({"data": {}})
+  with pytest.raises(ValueError, match="TFDS data set name"):
+    I.load_dataset("tfds:UPPER", "train")
+
+
 # -------------------------------------------------------------- TinyImageNet
 
 def _fake_tiny(root, wnids=("n03", "n01", "n02"), per_class=2, n_val=4):
@@ -273,8 +504,11 @@ def test_load_from_config(tmp_path):
                                             "data_dir": str(tmp_path)}})
   assert len(I.load_from_config(cfg, "test")) == 5
   cfg.data.name = "svhn"
-  with pytest.raises(ValueError, match="data.name"):
+  with pytest.raises(ConfigError, match="data.name"):
     I.load_from_config(cfg)
+  _fake_cifar(tmp_path, "cifar10")
+  cfg.data.name = "cifar10"
+  assert len(I.load_from_config(cfg, "test")) == 3
 
 
 # --------------------------------------------------------------- val split

@@ -15,13 +15,29 @@ Everything a training run needs before the first jitted step:
                                                       files (default
                                                       ``/usr/share/datasets/
                                                       fashion-mnist``)
-  cifar10,        ``tfds.data_source`` (ArrayRecord,  the TFDS data dir
-  cifar100        random access, no TensorFlow)       (default: TFDS's own,
-                                                      ``$TFDS_DATA_DIR`` or
+  cifar10,        1. the pickled folders of the       folder holding (or
+  cifar100        CIFAR site / torchvision            being) ``cifar-10-
+                  (``cifar-10-batches-py/``,          batches-py`` / ``cifar-
+                  ``cifar-100-python/``), read with   100-python``; when it
+                  pickle + NumPy, if present;         has neither:
+                  2. else ``tfds.data_source``        the TFDS data dir
+                  (ArrayRecord, random access, no     (default: TFDS's own,
+                  TensorFlow)                         ``$TFDS_DATA_DIR`` or
                                                       ``~/tensorflow_datasets``)
   tiny_imagenet   the standard ``tiny-imagenet-200``  folder holding (or being)
                   folder (TFDS has no builder)        ``tiny-imagenet-200``
+  tfds:NAME       any TFDS image-classification data  the TFDS data dir (as
+                  set prepared as ArrayRecord         above)
+                  (``tfds:mnist``, ``tfds:svhn_
+                  cropped``, ``tfds:NAME/CONFIG:
+                  VERSION``); image and label keys,
+                  image shape, ``num_classes`` and
+                  mean / std (of its train split)
+                  are read from the data
   ==============  ==================================  ========================
+
+  :func:`check_name` validates the config field ``data.name`` before anything
+  is loaded (a :class:`tsjax.config_checks.ConfigError` naming the field).
 
   Nothing here downloads anything. A missing data set raises an error that
   says how to get it and which config field (``data.data_dir``, i.e.
@@ -50,10 +66,13 @@ total device count. Single-process runs take the same code path.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import gzip
 import math
 import os
+import pickle
+import re
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -62,11 +81,19 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tsjax.config_checks import ConfigError, get_field
+
 DATA_DIR_FIELD = "data.data_dir"
+NAME_FIELD = "data.name"
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_APT = "apt-get install dataset-fashion-mnist"
 
+# Built-in names; any TFDS image-classification data set is "tfds:NAME".
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "tiny_imagenet")
+TFDS_PREFIX = "tfds:"
+# TFDS's "name[/config][:version]" (version digits or "*", up to 3 parts).
+_TFDS_NAME_RE = re.compile(
+    r"[a-z][a-z0-9_]*(/[A-Za-z0-9_.+-]+)?(:(\d+|\*)(\.(\d+|\*)){0,2})?")
 
 # Per-channel mean / std of the *training* split, pixel values in [0, 1]
 # (population std over all pixels). Fashion-MNIST: computed here from the
@@ -86,19 +113,96 @@ _NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100,
                 "tiny_imagenet": 200}
 
 
-def dataset_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """``(mean, std)`` per channel of a known data set, without loading it."""
-  if name not in _STATS:
-    raise ValueError(f"unknown data set {name!r}; expected one of "
-                     f"{sorted(_STATS)}")
-  return _STATS[name]
+def is_tfds_name(name: Any) -> bool:
+  """True for ``"tfds:NAME"`` data set names (any syntax after the prefix)."""
+  return isinstance(name, str) and name.startswith(TFDS_PREFIX)
 
 
-def dataset_num_classes(name: str) -> int:
-  if name not in _NUM_CLASSES:
-    raise ValueError(f"unknown data set {name!r}; expected one of "
-                     f"{sorted(_NUM_CLASSES)}")
-  return _NUM_CLASSES[name]
+def _name_error(name: Any) -> str | None:
+  """Why ``name`` is not a valid ``data.name`` value (None if it is)."""
+  if is_tfds_name(name):
+    tfds_name = name[len(TFDS_PREFIX):]
+    if not _TFDS_NAME_RE.fullmatch(tfds_name):
+      return (f"must be 'tfds:' followed by a TFDS data set name "
+              f"(lowercase NAME, optionally /CONFIG and :VERSION, e.g. "
+              f"'tfds:mnist', 'tfds:svhn_cropped', "
+              f"'tfds:imagenette/160px:1.0.0'), got {name!r}")
+    return None
+  if name not in DATASETS:
+    return (f"must be one of {list(DATASETS)} or 'tfds:NAME' for a TFDS "
+            f"image-classification data set (e.g. 'tfds:mnist'), got "
+            f"{name!r}")
+  return None
+
+
+def check_name(config: Any, field: str = NAME_FIELD) -> str:
+  """Validates the data set name in ``config`` (default field ``data.name``).
+
+  Accepted: one of :data:`DATASETS` or ``"tfds:NAME"`` (TFDS name syntax;
+  whether TFDS knows NAME is checked when loading). Loads nothing and imports
+  no TFDS, so experiments call it with the other config checks.
+
+  Returns:
+    the name.
+
+  Raises:
+    ConfigError: (a ValueError) naming the field, when it is missing or not
+      an accepted name.
+  """
+  name = get_field(config, field)
+  why = _name_error(name)
+  if why is not None:
+    raise ConfigError(f"config field '{field}' {why}")
+  return name
+
+
+def dataset_stats(name: str, data_dir: str | os.PathLike | None = None,
+                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """``(mean, std)`` per channel of a data set's train split, [0, 1] units.
+
+  Built-in names (and ``tfds:`` + a built-in name) come from a table,
+  without loading anything; other ``tfds:NAME`` data sets are computed from
+  their train split in ``data_dir`` (loaded once per process, then cached).
+  """
+  tfds_name = name[len(TFDS_PREFIX):] if is_tfds_name(name) else name
+  base = _base_name(tfds_name)
+  if base in _STATS:
+    return _STATS[base]
+  if is_tfds_name(name):
+    why = _name_error(name)
+    if why is not None:
+      raise ValueError(f"data set name {why}")
+    return _tfds_train_stats(tfds_name, _dir_or_none(data_dir))
+  raise ValueError(f"unknown data set {name!r}; expected one of "
+                   f"{sorted(_STATS)} or 'tfds:NAME'")
+
+
+def dataset_num_classes(name: str,
+                        data_dir: str | os.PathLike | None = None) -> int:
+  """Number of classes of a data set (``tfds:NAME``: from its TFDS metadata
+  in ``data_dir``, which opens the data set but reads no images)."""
+  tfds_name = name[len(TFDS_PREFIX):] if is_tfds_name(name) else name
+  base = _base_name(tfds_name)
+  if base in _NUM_CLASSES:
+    return _NUM_CLASSES[base]
+  if is_tfds_name(name):
+    why = _name_error(name)
+    if why is not None:
+      raise ValueError(f"data set name {why}")
+    source = _open_tfds(tfds_name, "train", _dir_or_none(data_dir))
+    _, label_key = _feature_keys(source, tfds_name)
+    return _num_classes(source, label_key, tfds_name)
+  raise ValueError(f"unknown data set {name!r}; expected one of "
+                   f"{sorted(_NUM_CLASSES)} or 'tfds:NAME'")
+
+
+def _base_name(tfds_name: str) -> str:
+  """``"cifar10/config:3.0.2"`` -> ``"cifar10"`` (the builder's name)."""
+  return tfds_name.split("/")[0].split(":")[0]
+
+
+def _dir_or_none(data_dir: str | os.PathLike | None) -> str | None:
+  return None if data_dir is None else os.path.expanduser(os.fspath(data_dir))
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -300,6 +404,15 @@ def load_fashion_mnist(split: str = "train",
 
 def _tfds_prepare_hint(name: str, data_dir: str | None) -> str:
   d = data_dir if data_dir is not None else "~/tensorflow_datasets"
+  pickles = ""
+  if name in _CIFAR_PICKLES:
+    folder = _CIFAR_PICKLES[name]["folder"]
+    pickles = (
+        f"\nOr (no TFDS needed) put the pickled folder {folder}/ in the data "
+        f"dir: download {_CIFAR_URL}{_CIFAR_PICKLES[name]['archive']} and "
+        f"`tar xzf` it there (torchvision.datasets."
+        f"{'CIFAR10' if name == 'cifar10' else 'CIFAR100'}(root=DIR, "
+        f"download=True) writes the same folder).")
   return (
       f"Prepare it once, on a machine with internet access and TensorFlow "
       f"installed, in the random-access ArrayRecord format:\n"
@@ -309,7 +422,8 @@ def _tfds_prepare_hint(name: str, data_dir: str | None) -> str:
       f"file_format='array_record').download_and_prepare()\n"
       f"then copy {d}/{name}/ here if needed, or point the config field "
       f"'{DATA_DIR_FIELD}' (--config.{DATA_DIR_FIELD}=DIR) at the TFDS data "
-      f"dir that holds it. tsjax never downloads data at run time.")
+      f"dir that holds it. tsjax never downloads data at run time."
+      + pickles)
 
 
 def _open_tfds(name: str, split: str, data_dir: str | None):
@@ -325,7 +439,8 @@ def _open_tfds(name: str, split: str, data_dir: str | None):
     builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(f"unknown TFDS data set {name!r} (tensorflow-datasets "
-                     f"{tfds.__version__} has no such builder)") from e
+                     f"{tfds.__version__} has no such builder); check the "
+                     f"config field '{NAME_FIELD}'") from e
   except Exception:  # noqa: BLE001
     builder = None
   if builder is None or not builder.is_prepared():
@@ -342,11 +457,64 @@ def _open_tfds(name: str, split: str, data_dir: str | None):
                    f"split {split!r}: {error}") from error
 
 
+def _feature_keys(source, name: str, image_key: str | None = None,
+                  label_key: str | None = None) -> tuple[str, str]:
+  """The image and label feature names of a TFDS source: the given ones, else
+  ``"image"`` / ``"label"`` when the features have them, else the only
+  image-like (3-d shape) / class-label (``num_classes``) feature."""
+  try:
+    features = dict(source.dataset_info.features.items())
+  except Exception:  # noqa: BLE001 (no metadata: TFDS's usual names)
+    features = {}
+  if not features:
+    return image_key or "image", label_key or "label"
+
+  def pick(given, default, ok, what, arg):
+    if given is not None:
+      if given not in features:
+        raise ValueError(f"TFDS {name!r} has no feature {given!r} (features: "
+                         f"{sorted(features)})")
+      return given
+    if default in features:
+      return default
+    found = [k for k, f in features.items() if ok(f)]
+    if len(found) != 1:
+      raise ValueError(
+          f"TFDS {name!r}: cannot tell which feature is the {what} (features: "
+          f"{sorted(features)}); not an image-classification data set, or "
+          f"pass {arg} to load_tfds")
+    return found[0]
+
+  shape = lambda f: tuple(getattr(f, "shape", ()) or ())
+  return (pick(image_key, "image", lambda f: len(shape(f)) == 3, "image",
+               "image_key"),
+          pick(label_key, "label", lambda f: hasattr(f, "num_classes"),
+               "class label", "label_key"))
+
+
+def _num_classes(source, label_key: str, name: str,
+                 labels: np.ndarray | None = None) -> int:
+  """``num_classes`` of the label feature (else ``max(labels) + 1``)."""
+  try:
+    return int(source.dataset_info.features[label_key].num_classes)
+  except Exception:  # noqa: BLE001
+    if labels is None or not labels.size:
+      raise ValueError(f"TFDS {name!r}: feature {label_key!r} has no "
+                       f"num_classes (not a ClassLabel)") from None
+    return int(labels.max()) + 1
+
+
 def _read_into(source, n: int, image_key: str, label_key: str,
-               chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+               chunk: int = 1024,
+               name: str = "") -> tuple[np.ndarray, np.ndarray]:
   """All examples of a TFDS data source into preallocated arrays, reading in
-  batches (``__getitems__``) where the source supports it."""
+  batches (``__getitems__``) where the source supports it. All images must
+  have one shape and be uint8."""
   first = np.asarray(source[0][image_key])
+  if first.dtype != np.uint8 or first.ndim not in (2, 3):
+    raise ValueError(f"TFDS {name!r}: feature {image_key!r} holds "
+                     f"{first.dtype} arrays of shape {first.shape}; expected "
+                     f"uint8 images HxWxC (or HxW)")
   images = np.empty((n,) + first.shape, np.uint8)
   labels = np.empty((n,), np.int32)
   getitems = getattr(source, "__getitems__", None)
@@ -361,22 +529,61 @@ def _read_into(source, n: int, image_key: str, label_key: str,
     if examples is None:
       examples = [source[k] for k in keys]
     for k, ex in zip(keys, examples):
-      images[k] = ex[image_key]
+      image = np.asarray(ex[image_key])
+      if image.shape != first.shape:
+        raise ValueError(
+            f"TFDS {name!r}: images have different shapes ({first.shape} for "
+            f"example 0, {image.shape} for example {k}); tsjax keeps a data "
+            f"set as one [N, H, W, C] array, so prepare a fixed-size variant "
+            f"(e.g. a TFDS config with resized images)")
+      images[k] = image
       labels[k] = int(ex[label_key])
   return images, labels
 
 
+# (TFDS name, data dir) -> train-split (mean, std), for data sets not in _STATS.
+_TRAIN_STATS: dict[tuple[str, str | None], tuple[tuple[float, ...],
+                                                 tuple[float, ...]]] = {}
+
+
+def _tfds_train_stats(name: str, data_dir: str | None,
+                      images: np.ndarray | None = None,
+                      image_key: str | None = None,
+                      label_key: str | None = None):
+  """Per-channel (mean, std) of TFDS ``name``'s ``train`` split (``images``
+  when given: they are that split), cached per process."""
+  key = (name, data_dir)
+  if key not in _TRAIN_STATS:
+    if images is None:
+      source = _open_tfds(name, "train", data_dir)
+      image_key, label_key = _feature_keys(source, name, image_key, label_key)
+      images, _ = _read_into(source, len(source), image_key, label_key,
+                             name=name)
+      if images.ndim == 3:
+        images = images[..., None]
+    _TRAIN_STATS[key] = channel_stats(images)
+  return _TRAIN_STATS[key]
+
+
 def load_tfds(name: str, split: str = "train",
               data_dir: str | os.PathLike | None = None, *,
-              image_key: str = "image", label_key: str = "label") -> ImageDataset:
+              image_key: str | None = None,
+              label_key: str | None = None) -> ImageDataset:
   """A TFDS image classification split via ``tfds.data_source`` (no TensorFlow).
 
   Args:
     name: TFDS name (``"cifar10"``, ``"cifar100"``, or any builder with an
-      image and a ``ClassLabel`` feature).
+      image and a ``ClassLabel`` feature; ``NAME/CONFIG:VERSION`` works).
     split: TFDS split string (``"train"``, ``"test"``, ``"train[:90%]"``...).
     data_dir: the TFDS data dir (``None``: TFDS's default).
+    image_key, label_key: feature names; default ``"image"`` / ``"label"``
+      when present, else the only image (3-d) / ``ClassLabel`` feature.
 
+  Images (uint8, one shape for the whole split; ``HxW`` becomes ``HxWx1``),
+  ``num_classes`` (the ``ClassLabel``'s) and, for data sets other than
+  CIFAR-10/100 / Fashion-MNIST / TinyImageNet, the per-channel mean / std are
+  read from the data: those of the **train** split, attached to every split
+  (computed once per process; loading another split first reads train too).
   Never downloads: ``download=False, try_gcs=False``; when the data set is not
   prepared there, :class:`DatasetNotPreparedError` says how to prepare it.
   Works with ``tfds.testing.mock_data``.
@@ -386,24 +593,181 @@ def load_tfds(name: str, split: str = "train",
   n = len(source)
   if n == 0:
     raise ValueError(f"TFDS {name!r} split {split!r} is empty")
-  images, labels = _read_into(source, n, image_key, label_key)
+  image_key, label_key = _feature_keys(source, name, image_key, label_key)
+  images, labels = _read_into(source, n, image_key, label_key, name=name)
   if images.ndim == 3:
     images = images[..., None]
-  base = name.split("/")[0].split(":")[0]
+  base = _base_name(name)
   num_classes = _NUM_CLASSES.get(base)
   if num_classes is None:
-    try:
-      num_classes = int(source.dataset_info.features[label_key].num_classes)
-    except Exception:  # noqa: BLE001
-      num_classes = int(labels.max()) + 1
+    num_classes = _num_classes(source, label_key, name, labels)
   if base in _STATS:
     mean, std = _STATS[base]
-  else:  # unknown data set: statistics of the split itself
-    mean, std = channel_stats(images)
+  else:  # statistics of the train split, as for the built-in data sets
+    mean, std = _tfds_train_stats(name, data_dir,
+                                  images if split == "train" else None,
+                                  image_key, label_key)
   if labels.min() < 0 or labels.max() >= num_classes:
     raise ValueError(f"TFDS {name!r} labels outside [0, {num_classes})")
   return ImageDataset(images, labels, num_classes, tuple(mean), tuple(std),
                       base, split)
+
+
+# --------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 from the pickled folders (CIFAR site, torchvision)
+# --------------------------------------------------------------------------
+
+_CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
+_CIFAR_PICKLES = {
+    "cifar10": {"folder": "cifar-10-batches-py",
+                "archive": "cifar-10-python.tar.gz",
+                "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
+                "test": ("test_batch",), "meta": "batches.meta",
+                "labels": "labels"},
+    "cifar100": {"folder": "cifar-100-python",
+                 "archive": "cifar-100-python.tar.gz",
+                 "train": ("train",), "test": ("test",), "meta": "meta",
+                 "labels": "fine_labels"},
+}
+# The only globals a CIFAR pickle (Python 2 era, NumPy arrays) refers to.
+_NP_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _NP_RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _NP_RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,  # Python 3 protocol-2 bytes
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+  """Unpickles only plain containers and NumPy arrays: a CIFAR file that
+  names any other global (which could run code) is refused."""
+
+  def find_class(self, module, name):
+    obj = _PICKLE_GLOBALS.get((module, name))
+    if obj is None:
+      raise pickle.UnpicklingError(
+          f"refusing to load the global {module}.{name}: CIFAR pickles hold "
+          f"only dicts, lists, bytes and NumPy arrays")
+    return obj
+
+
+def _read_cifar_pickle(path: str) -> dict:
+  """One CIFAR pickle file (``encoding="bytes"``) as a dict with str keys."""
+  try:
+    with open(path, "rb") as f:
+      obj = _CifarUnpickler(f, encoding="bytes").load()
+  except (pickle.UnpicklingError, EOFError, ValueError, TypeError,
+          AttributeError, IndexError) as e:
+    raise ValueError(f"{path}: not a readable CIFAR pickle ({e}); re-extract "
+                     f"the archive") from e
+  if not isinstance(obj, dict):
+    raise ValueError(f"{path}: expected a pickled dict, got "
+                     f"{type(obj).__name__}")
+  return {k.decode("latin1") if isinstance(k, bytes) else k: v
+          for k, v in obj.items()}
+
+
+def find_cifar_folder(name: str,
+                      data_dir: str | os.PathLike | None) -> str | None:
+  """The pickled CIFAR folder for ``name`` (``"cifar10"`` / ``"cifar100"``)
+  that ``data_dir`` holds (``DIR/cifar-10-batches-py``) or is (its name is
+  the folder's, or it contains the metadata file and a data file); else None.
+  """
+  if data_dir is None or name not in _CIFAR_PICKLES:
+    return None
+  spec = _CIFAR_PICKLES[name]
+  data_dir = os.fspath(data_dir)
+  inside = os.path.join(data_dir, spec["folder"])
+  if os.path.isdir(inside):
+    return inside
+  files = spec["train"] + spec["test"]
+  if os.path.isdir(data_dir) and (
+      os.path.basename(os.path.normpath(data_dir)) == spec["folder"]
+      or (os.path.isfile(os.path.join(data_dir, spec["meta"]))
+          and any(os.path.isfile(os.path.join(data_dir, f)) for f in files))):
+    return data_dir
+  return None
+
+
+def load_cifar_pickle(name: str, split: str = "train",
+                      folder: str | os.PathLike = ".") -> ImageDataset:
+  """CIFAR-10/100 from the pickled folder of the CIFAR site / torchvision.
+
+  Layouts (as extracted from ``cifar-10-python.tar.gz`` /
+  ``cifar-100-python.tar.gz``; ``torchvision.datasets.CIFAR10/100`` download
+  the same)::
+
+      cifar-10-batches-py/   data_batch_1 ... data_batch_5 (10 000 each),
+                             test_batch (10 000), batches.meta
+      cifar-100-python/      train (50 000), test (10 000), meta
+
+  Each file is a pickled dict (read with ``encoding="bytes"``, only NumPy
+  arrays and plain containers allowed) with ``b"data"``: uint8 ``[N, 3072]``
+  (1024 red, 1024 green, 1024 blue values, rows of 32) and ``b"labels"``
+  (CIFAR-10) / ``b"fine_labels"`` (CIFAR-100, 100 classes; the 20 coarse
+  labels are not used). No TFDS, no torch.
+
+  Args:
+    name: ``"cifar10"`` or ``"cifar100"``.
+    split: ``"train"`` or ``"test"`` (carve validation with
+      :func:`split_validation`).
+    folder: the ``cifar-10-batches-py`` / ``cifar-100-python`` folder, or a
+      folder holding it.
+
+  Returns:
+    uint8 ``[N, 32, 32, 3]`` images, int32 labels, the same metadata
+    (classes, mean / std) as the TFDS path.
+
+  Raises:
+    DatasetNotPreparedError: a file of the split is missing (the message
+      names it, how to get it and the config field ``data.data_dir``).
+    ValueError: a file is not a CIFAR pickle of the expected shape.
+  """
+  if name not in _CIFAR_PICKLES:
+    raise ValueError(f"pickled CIFAR name must be one of "
+                     f"{sorted(_CIFAR_PICKLES)}, got {name!r}")
+  spec = _CIFAR_PICKLES[name]
+  if split not in ("train", "test"):
+    raise ValueError(f"{name} split must be 'train' or 'test' with the "
+                     f"pickled folder, got {split!r} (carve validation with "
+                     f"split_validation)")
+  root = find_cifar_folder(name, folder) or os.fspath(folder)
+  num_classes = _NUM_CLASSES[name]
+  images, labels = [], []
+  for file in spec[split]:
+    path = os.path.join(root, file)
+    if not os.path.isfile(path):
+      raise DatasetNotPreparedError(
+          f"{name} pickle file {file!r} not found in {root!r}: the folder "
+          f"{spec['folder']}/ must hold "
+          f"{', '.join(spec['train'] + spec['test'])} and {spec['meta']}. "
+          f"Download {_CIFAR_URL}{spec['archive']} and "
+          f"`tar xzf` it in a directory DIR (or let torchvision."
+          f"{'CIFAR10' if name == 'cifar10' else 'CIFAR100'}(root=DIR, "
+          f"download=True) do it), then point the config field "
+          f"'{DATA_DIR_FIELD}' (--config.{DATA_DIR_FIELD}=DIR) at DIR.")
+    batch = _read_cifar_pickle(path)
+    data, lab = batch.get("data"), batch.get(spec["labels"])
+    if not isinstance(data, np.ndarray) or lab is None:
+      raise ValueError(f"{path}: expected keys b'data' (array) and "
+                       f"b'{spec['labels']}', found {sorted(batch)}")
+    lab = np.asarray(lab)
+    if (data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072
+        or lab.shape != data.shape[:1]):
+      raise ValueError(f"{path}: expected uint8 data [N, 3072] and N labels, "
+                       f"got data {data.dtype} {data.shape}, labels "
+                       f"{lab.shape}")
+    if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
+      raise ValueError(f"{path}: labels must be in 0..{num_classes - 1}, "
+                       f"found {int(lab.min())}..{int(lab.max())}")
+    images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    labels.append(lab.astype(np.int32))
+  mean, std = _STATS[name]
+  return ImageDataset(np.ascontiguousarray(np.concatenate(images)),
+                      np.concatenate(labels), num_classes, mean, std, name,
+                      split)
 
 
 # --------------------------------------------------------------------------
@@ -513,16 +877,26 @@ def load_tiny_imagenet(split: str = "train",
 
 def load_dataset(name: str, split: str = "train",
                  data_dir: str | os.PathLike | None = None) -> ImageDataset:
-  """Loads ``name`` (one of :data:`DATASETS`) split ``split`` from ``data_dir``.
+  """Loads ``name`` (one of :data:`DATASETS`, or ``"tfds:NAME"``) split
+  ``split`` from ``data_dir``.
 
   ``data_dir=None`` uses each source's default (see the module docstring);
-  TinyImageNet needs one. A leading ``~`` is expanded.
+  TinyImageNet needs one. A leading ``~`` is expanded. CIFAR-10/100 come from
+  the pickled folder when ``data_dir`` holds (or is) one, else from TFDS;
+  ``"tfds:cifar10"`` always means TFDS.
   """
-  if data_dir is not None:
-    data_dir = os.path.expanduser(os.fspath(data_dir))
+  data_dir = _dir_or_none(data_dir)
+  if is_tfds_name(name):
+    why = _name_error(name)
+    if why is not None:
+      raise ValueError(f"data set name {why}")
+    return load_tfds(name[len(TFDS_PREFIX):], split, data_dir)
   if name == "fashion_mnist":
     return load_fashion_mnist(split, data_dir)
   if name in ("cifar10", "cifar100"):
+    folder = find_cifar_folder(name, data_dir)
+    if folder is not None:
+      return load_cifar_pickle(name, split, folder)
     return load_tfds(name, split, data_dir)
   if name == "tiny_imagenet":
     if data_dir is None:
@@ -531,19 +905,18 @@ def load_dataset(name: str, split: str = "train",
           f"'{DATA_DIR_FIELD}' (--config.{DATA_DIR_FIELD}=DIR) to the folder "
           f"holding tiny-imagenet-200/")
     return load_tiny_imagenet(split, data_dir)
-  raise ValueError(f"unknown data set {name!r}; expected one of {list(DATASETS)}")
+  raise ValueError(f"unknown data set {name!r}; expected one of "
+                   f"{list(DATASETS)} or 'tfds:NAME'")
 
 
 def load_from_config(config: Any, split: str = "train") -> ImageDataset:
-  """:func:`load_dataset` with ``config.data.name`` and ``config.data.data_dir``
-  (the latter optional: missing or ``None`` means the source's default)."""
+  """:func:`load_dataset` with ``config.data.name`` (checked by
+  :func:`check_name`) and ``config.data.data_dir`` (optional: missing or
+  ``None`` means the source's default)."""
+  name = check_name(config)
   data = config["data"] if isinstance(config, Mapping) else config.data
   get = (lambda k, d=None: data.get(k, d)) if hasattr(data, "get") else (
       lambda k, d=None: getattr(data, k, d))
-  name = get("name")
-  if name not in DATASETS:
-    raise ValueError(f"config field 'data.name' must be one of "
-                     f"{list(DATASETS)}, got {name!r}")
   return load_dataset(name, split, get("data_dir"))
 
 

@@ -1,4 +1,4 @@
-"""DeepMind's WideResNet (Gowal et al. 2020, Rebuffi et al. 2021) as in RobustBench.
+"""DeepMind's WideResNet (Gowal et al. 2020, Rebuffi et al. 2021), RobustBench's.
 
 The teachers at the top of RobustBench's CIFAR leaderboards ("Uncovering the
 limits of adversarial training", "Fixing data augmentation to improve
