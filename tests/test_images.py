@@ -235,18 +235,39 @@ def _cifar_pixels(n, seed):
                                               dtype=np.uint8)
 
 
-def _write_cifar_pickle(path, obj, numpy1_globals):
-  """Protocol 2 with bytes keys, as the CIFAR site's files; with
-  ``numpy1_globals`` the arrays name ``numpy.core.multiarray`` like files
-  written by NumPy 1 / Python 2 (the real archives), else ``numpy._core``."""
-  raw = pickle.dumps(obj, protocol=2)
-  if numpy1_globals and b"_reconstruct" in raw:  # (the meta file has none)
-    raw = raw.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
-    assert b"numpy.core.multiarray\n_reconstruct" in raw
+class _Py2Pickler(pickle._Pickler):  # the pure-Python pickler, to override
+  """Writes bytes and str as Python 2 ``str`` (SHORT_BINSTRING /
+  BINSTRING), as in the CIFAR archives, which were pickled by Python 2."""
+
+  def _save_py2_str(self, obj):
+    raw = obj if isinstance(obj, bytes) else obj.encode("latin1")
+    if len(raw) < 256:
+      self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+    else:
+      self.write(pickle.BINSTRING + len(raw).to_bytes(4, "little") + raw)
+    self.memoize(obj)
+
+  dispatch = dict(pickle._Pickler.dispatch)
+  dispatch[bytes] = _save_py2_str
+  dispatch[str] = _save_py2_str
+
+
+def _write_cifar_pickle(path, obj, py2_format):
+  """Protocol 2 with bytes keys. ``py2_format``: the CIFAR site's files
+  (Python 2 strings, arrays naming ``numpy.core.multiarray``); else what
+  Python 3 + NumPy 2 write (``_codecs.encode``, ``numpy._core``)."""
+  if not py2_format:
+    path.write_bytes(pickle.dumps(obj, protocol=2))
+    return
+  buf = io.BytesIO()
+  _Py2Pickler(buf, protocol=2).dump(obj)
+  raw = buf.getvalue().replace(b"numpy._core.multiarray\n",
+                               b"numpy.core.multiarray\n")
+  assert b"_codecs" not in raw and b"numpy._core" not in raw
   path.write_bytes(raw)
 
 
-def _fake_cifar(root, name, n=3, numpy1_globals=True):
+def _fake_cifar(root, name, n=3, py2_format=True):
   """A tiny pickled folder under ``root``; returns ``{split: (images,
   labels)}`` as NHWC uint8 / int."""
   folder = root / {"cifar10": "cifar-10-batches-py",
@@ -270,7 +291,7 @@ def _fake_cifar(root, name, n=3, numpy1_globals=True):
       else:
         entry[b"fine_labels"] = y
         entry[b"coarse_labels"] = [v // 5 for v in y]
-      _write_cifar_pickle(folder / file, entry, numpy1_globals)
+      _write_cifar_pickle(folder / file, entry, py2_format)
       imgs.append(x)
       labs += y
     out[split] = (np.concatenate(imgs), np.asarray(labs))
@@ -278,14 +299,14 @@ def _fake_cifar(root, name, n=3, numpy1_globals=True):
           else {b"fine_label_names": [b"f%d" % k for k in range(100)],
                 b"coarse_label_names": [b"c%d" % k for k in range(20)]})
   meta_file = "batches.meta" if name == "cifar10" else "meta"
-  _write_cifar_pickle(folder / meta_file, meta, numpy1_globals)
+  _write_cifar_pickle(folder / meta_file, meta, py2_format)
   return folder, out
 
 
-@pytest.mark.parametrize("name,numpy1_globals", [("cifar10", True),
-                                                 ("cifar100", False)])
-def test_cifar_pickled_folder(tmp_path, name, numpy1_globals):
-  folder, want = _fake_cifar(tmp_path, name, numpy1_globals=numpy1_globals)
+@pytest.mark.parametrize("py2_format", [True, False])
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_pickled_folder(tmp_path, name, py2_format):
+  folder, want = _fake_cifar(tmp_path, name, py2_format=py2_format)
   # data_dir holding the folder, or the folder itself, through load_dataset.
   for data_dir in (tmp_path, folder):
     for split in ("train", "test"):
