@@ -54,7 +54,7 @@ CANDIDATES = ("last", "best", "ema", "swa")
 def validate(config) -> None:
   """Every config check that needs no data and compiles nothing."""
   cc.check_number(config, "seed", low=0, integer=True)
-  cc.check_choice(config, "data.name", tuple(images.DATASETS))
+  images.check_name(config)
   for f in ("data.num_val", "data.train_subset", "data.test_subset"):
     cc.check_number(config, f, low=0, integer=True)
   name = cc.get_field(config, "model.name")
