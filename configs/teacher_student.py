@@ -85,6 +85,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval.thresholds = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
   c.eval.corr_batch = 512
 
+  # Several processes (jax.distributed; tsjax.train.distributed.settings):
+  # auto=True joins the cluster JAX detects (SLURM srun, Open MPI, TPU pods);
+  # or an explicit coordinator "host:port" with the two fields below.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.auto = False
+  c.distributed.coordinator_address = ml_collections.FieldReference(
+      None, field_type=str)
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+
   for part in filter(None, (p.strip() for p in arg.split(","))):
     if part == "smoke":
       c.num_seeds = 2

@@ -11,13 +11,25 @@ import jax
 import ml_collections
 import numpy as np
 
+from tsjax.config_checks import ConfigError
+
 
 def config_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+# Sections that say how a run is launched, not what it computes: left out of
+# the config hash and of the resume check (each process of a multi-process
+# run has its own process_id; a resumed run may get another coordinator).
+LAUNCH_SECTIONS = ("distributed",)
+
+
+def _run_fields(d: dict) -> dict:
+  return {k: v for k, v in d.items() if k not in LAUNCH_SECTIONS}
+
+
 def config_hash(config: ml_collections.ConfigDict) -> str:
-  blob = json.dumps(config_dict(config), sort_keys=True).encode()
+  blob = json.dumps(_run_fields(config_dict(config)), sort_keys=True).encode()
   return hashlib.sha256(blob).hexdigest()[:8]
 
 
@@ -54,20 +66,24 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Creates ``workdir`` and records the config; refuses to resume a run made
-  with a different config (ValueError naming the differing fields)."""
-  os.makedirs(workdir, exist_ok=True)
+  with a different config (ValueError naming the differing fields; the
+  ``distributed`` section may differ). With several processes every process
+  checks, only process 0 writes."""
+  main = jax.process_index() == 0
+  if main:
+    os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
   new = config_dict(config)
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    diffs = _diff(old, new)
+    diffs = _diff(_run_fields(old), _run_fields(new))
     if diffs:
       raise ValueError(
           f"work dir {workdir!r} holds a run made with a different config "
           f"({'; '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}); pass "
           f"another --workdir or delete that directory to start afresh")
-  else:
+  elif main:
     atomic_write(path, json.dumps(new, indent=2, sort_keys=True))
 
 
@@ -87,6 +103,33 @@ def to_jsonable(x):
     a = np.asarray(x)
     return a.item() if a.ndim == 0 else a.tolist()
   return x
+
+
+def config_overrides(flag: str = "config") -> dict:
+  """``{dotted field: value}`` given as ``--FLAG.field=value`` on the command
+  line (parsed by ml_collections against the config file's types)."""
+  from absl import flags
+  from ml_collections import config_flags
+  return dict(config_flags.get_override_values(flags.FLAGS[flag]))
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> list:
+  """Sets each dotted field present in ``config``; returns the fields it
+  does not have (a table applies one set of overrides to several methods,
+  each with its own options)."""
+  missing = []
+  for path, value in overrides.items():
+    node, *rest = [config], path.split(".")
+    *parents, leaf = rest
+    try:
+      for p in parents:
+        node = [node[0][p]]
+      node[0][leaf]                                   # present?
+    except (KeyError, AttributeError):
+      missing.append(path)
+      continue
+    node[0][leaf] = tuple(value) if isinstance(value, list) else value
+  return missing
 
 
 def launch(name: str, run, default_config: str, config_help: str,
@@ -123,7 +166,11 @@ def launch(name: str, run, default_config: str, config_help: str,
     arg = config_arg_from_argv(sys.argv, default=default_variant)
     workdir = flags.FLAGS.workdir or default_workdir(name, arg, config)
     t0 = time.time()
-    run(config, workdir)
+    try:
+      run(config, workdir)
+    except ConfigError as e:      # one line naming the field, no traceback
+      print(f"config error: {e}", file=sys.stderr)
+      sys.exit(2)
     print(f"done in {time.time() - t0:.0f} s; results in {workdir}")
 
   app.run(main)

@@ -8,6 +8,12 @@ experiments.train), the best (validation-selected) or last parameters, and
 reports clean, FGSM, PGD-20, CW-inf and AutoAttack accuracy on the test split.
 Writes eval.json and eval.md to the work dir; AutoAttack progress is kept in
 the work dir, so a killed evaluation resumes.
+
+Several processes (a ``distributed`` config section, as in
+configs/adv_train.py): the test batches are sharded over all devices of all
+processes and counted on device; AutoAttack splits the points between the
+processes (``autoattack_split``) and sums their counts; only process 0 writes
+files and prints.
 """
 
 from __future__ import annotations
@@ -44,16 +50,68 @@ def load_classifier(run_dir: str, which: str = "best"):
   return model, params, ms, cfg, images.load_from_config(cfg, "test")
 
 
+def autoattack_split(model, params, model_state, x, y, key, *, progress=False,
+                     **kwargs) -> dict:
+  """AutoAttack (``tsjax.attacks.autoattack.autoattack`` with ``kwargs``) on
+  images ``x`` (uint8 or float in [0, 1]) and labels ``y``, the points split
+  between the processes.
+
+  Each process attacks its contiguous share of the points
+  (``distributed.split_points``) on its own devices; the clean, final and
+  per-attack robust counts are summed over the processes (a device
+  all-gather), so every process returns the numbers of all the points. With
+  one process this is ``autoattack`` on every point. ``warnings`` are the
+  sanity-check messages of this process's share. Every process must call it.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from tsjax.attacks.autoattack import VERSIONS, autoattack
+  from tsjax.methods.common import ModelLogits
+  from tsjax.train import distributed
+
+  x, y = np.asarray(x), np.asarray(y, np.int32)
+  if x.dtype == np.uint8:
+    x = x.astype(np.float32) / 255.0
+  names = tuple(kwargs.get("attacks") or
+                VERSIONS[kwargs.get("version", "standard")])
+  lo, hi = distributed.split_points(len(x))
+  n_local = hi - lo
+  counts = np.zeros(2 + len(names), np.int64)   # clean, robust, after each
+  warnings = []
+  p_ms = (params, model_state)
+  if jax.process_count() > 1:   # process-local copies: each attacks alone
+    p_ms = jax.tree.map(jnp.asarray, distributed.to_host(p_ms))
+  if n_local:
+    aa = autoattack(ModelLogits(model, "eval"), x[lo:hi], y[lo:hi], key,
+                    progress=progress and distributed.is_main_process(),
+                    params=p_ms, **kwargs)
+    after = aa["robust_acc_after"]
+    counts[:] = [round(aa["clean_acc"] * n_local),
+                 int(np.sum(aa["robust"]))] + [
+                     round(after.get(a, aa["robust_acc"]) * n_local)
+                     for a in names]
+    warnings = list(aa["warnings"])
+  total = distributed.sum_hosts(counts)
+  n = max(len(x), 1)
+  return {"clean_acc": float(total[0]) / n, "robust_acc": float(total[1]) / n,
+          "robust_acc_after": {a: float(c) / n
+                               for a, c in zip(names, total[2:])},
+          "warnings": warnings, "num_examples": len(x)}
+
+
 def run(config, workdir: str, progress: bool = True) -> dict:
   import jax
-  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
 
   from experiments import common
   from tsjax import config_checks as cc
-  from tsjax.attacks.autoattack import VERSIONS, autoattack
+  from tsjax.attacks import AttackSpec
+  from tsjax.attacks.autoattack import VERSIONS
   from tsjax.data import images
-  from tsjax.methods.common import ImageAttack, ModelLogits
   from tsjax.train import classifier as clf
+  from tsjax.train import distributed
 
   if not config.checkpoint:
     raise cc.ConfigError("config field 'checkpoint' is required: the work dir "
@@ -62,34 +120,43 @@ def run(config, workdir: str, progress: bool = True) -> dict:
   cc.check_choice(config, "aa_version", tuple(VERSIONS))
   for f in ("pgd_steps", "cw_steps", "batch_size"):
     cc.check_number(config, f, low=1, integer=True)
+  distributed.initialize(config.get("distributed"))
+  main = distributed.is_main_process()
   model, params, ms, tcfg, test = load_classifier(config.checkpoint,
                                                   config.which)
   eps = float(config.eps if config.eps >= 0 else tcfg.eval.eps)
   n = config.subset or len(test)
   x, y = test.images[:n], test.labels[:n]
-  os.makedirs(workdir, exist_ok=True)
+  if main:
+    os.makedirs(workdir, exist_ok=True)
+  distributed.barrier("evaluate workdir")   # AutoAttack progress goes there
   key = jax.random.key(int(config.seed))
-  att = lambda steps: ImageAttack(norm=config.norm, eps=eps,
-                                  step_size=2.5 * eps / steps, steps=steps)
-  fgsm = ImageAttack(norm=config.norm, eps=eps, step_size=eps, steps=1,
-                     random_start=False)
+  att = lambda steps: AttackSpec(norm=config.norm, eps=eps,
+                                 step_size=2.5 * eps / steps, steps=steps)
+  fgsm = AttackSpec(norm=config.norm, eps=eps, step_size=eps, steps=1,
+                    start="zero")
   step = clf.make_eval_step(model, {
       "fgsm": ("ce", fgsm), f"pgd{config.pgd_steps}": ("ce", att(config.pgd_steps)),
       "cw": ("cw", att(config.cw_steps))})
+  # Batches sharded over every device of every process (the batch rounded
+  # up to a multiple of the device count; padding is masked), the model
+  # replicated there: each process attacks its rows, counts add up on device.
+  mesh = images.data_mesh()
+  bs = -(-int(config.batch_size) // mesh.size) * mesh.size
+  p_ms = distributed.to_global((params, ms), NamedSharding(mesh, P()))
   t0 = time.time()
-  r = clf.evaluate(step, params, ms, images.eval_batches(
-      x, y, int(config.batch_size), shard=False), key)
+  r = clf.evaluate(step, *p_ms, images.eval_batches(x, y, bs, mesh=mesh), key,
+                   per_example=False)
   res = {k: v for k, v in r.items() if k.endswith("/acc")}
   res["num_examples"] = r["num_examples"]
   res["seconds_pgd"] = time.time() - t0
   if config.autoattack:
     m = config.aa_subset or n
     t0 = time.time()
-    aa = autoattack(ModelLogits(model, "eval"),
-                    x[:m].astype(np.float32) / 255.0, y[:m], key,
-                    norm=config.norm, eps=eps, version=config.aa_version,
-                    batch_size=int(config.batch_size), state_dir=workdir,
-                    progress=progress, params=(params, ms))
+    aa = autoattack_split(model, params, ms, x[:m], y[:m], key,
+                          norm=config.norm, eps=eps, version=config.aa_version,
+                          batch_size=int(config.batch_size),
+                          state_dir=workdir, progress=progress)
     res.update({"autoattack/acc": aa["robust_acc"],
                 "autoattack/clean_acc": aa["clean_acc"],
                 "autoattack/num_examples": m,
@@ -99,6 +166,8 @@ def run(config, workdir: str, progress: bool = True) -> dict:
   out = {"checkpoint": config.checkpoint, "which": config.which,
          "norm": config.norm, "eps": eps, "results": res,
          "config": common.config_dict(config)}
+  if not main:
+    return out
   common.atomic_write(os.path.join(workdir, "eval.json"),
                       json.dumps(common.to_jsonable(out), indent=2))
   lines = [f"# {config.checkpoint} ({config.which}), {config.norm} eps {eps:g}",

@@ -14,7 +14,13 @@ Writes to the work dir: config.json, checkpoints/ (Orbax; a killed run resumes
 where it stopped), results.jsonl (one row per regime x seed, every metric and
 the config), summary.md and summary.json (table, Spearman correlations, checks
 of the paper's claims), specialization_vs_robust_error.png and
-success_per_teacher_node.png.
+success_per_teacher_node.png. Prints one line per phase: each trained chunk
+of each regime (steps, mean loss, seconds, ETA of the training) and the
+evaluation.
+
+Several processes (``--config.distributed.*``, see the README): the seeds are
+sharded over all devices of all processes; every process takes part in the
+checkpoints, only process 0 writes files and prints.
 """
 
 from __future__ import annotations
@@ -26,11 +32,14 @@ from absl import logging
 
 def run(config, workdir: str, *, progress: bool = True,
         stop_after_chunks: int | None = None) -> dict | None:
-  """Runs (or resumes) the study; returns final states and metrics.
+  """Runs (or resumes) the study; returns final states and metrics (global
+  arrays; ``tsjax.train.distributed.to_host`` reads them on any process).
 
   ``stop_after_chunks`` stops after that many newly trained chunks (each
   followed by a checkpoint), as a kill would; the result is then ``None``.
   """
+  import time
+
   import jax
   if config.dtype == "float64":
     jax.config.update("jax_enable_x64", True)
@@ -39,15 +48,20 @@ def run(config, workdir: str, *, progress: bool = True,
 
   from experiments import common
   from tsjax.train import CheckpointStore, seed_keys, seed_sweep
+  from tsjax.train import distributed
   from tsjax.train import teacher_student as ts
+  from tsjax.train.fit import format_seconds
 
   study = ts.TeacherStudent(config)            # validates; nothing compiled yet
-  common.prepare_workdir(workdir, config)
+  distributed.initialize(config.get("distributed"))
+  main = distributed.is_main_process()
+  if main:
+    common.prepare_workdir(workdir, config)
   seeds = list(range(config.seed, config.seed + config.num_seeds))
-  say = print if progress else logging.info
+  say = (print if progress else logging.info) if main else (lambda *a: None)
   say(f"teacher-student study: {len(seeds)} seeds x {len(study.regimes)} "
-      f"regimes on {jax.device_count()} {jax.default_backend()} device(s); "
-      f"work dir {workdir}")
+      f"regimes on {jax.device_count()} {jax.default_backend()} device(s) "
+      f"({distributed.describe()}); work dir {workdir}")
 
   keys = seed_keys(config.seed, config.num_seeds)
   problems = seed_sweep(study.problem)(keys)
@@ -76,12 +90,16 @@ def run(config, workdir: str, *, progress: bool = True,
       datasets[regime] = seed_sweep(study.robust_dataset)(states[src], problems)
     return datasets[regime]
 
+  # A bar only on a terminal (disable=None); logs get one line per chunk.
   bar = tqdm(total=total * len(study.regimes), initial=sum(
-      n for _, _, n in chunks[:done]), unit="step", disable=not progress,
+      n for _, _, n in chunks[:done]), unit="step",
+      disable=None if progress and main else True, leave=False,
       dynamic_ncols=True, desc="training")
-  newly = 0
+  newly, t_train = 0, time.time()
+  steps_left = sum(n for _, _, n in chunks[done:])
   for i in range(done, len(chunks)):
     regime, start, n = chunks[i]
+    t_chunk = time.time()
     bar.set_description(f"{regime:>15s}")
     if regime not in trainers:
       trainers[regime] = seed_sweep(
@@ -91,7 +109,8 @@ def run(config, workdir: str, *, progress: bool = True,
     data = (dataset(regime) if regime in ts.TRAINED_ON_SYNTHESIZED
             else study.train_data(problems))
     state, stats = trainers[regime](states[regime], problems, data, n)
-    bad = [s for s, ok in zip(seeds, np.asarray(stats["all_finite"])) if not ok]
+    stats = distributed.to_host(stats)
+    bad = [s for s, ok in zip(seeds, stats["all_finite"]) if not ok]
     if bad:
       raise FloatingPointError(
           f"non-finite loss or gradient in regime {regime!r}, seeds {bad}, "
@@ -100,8 +119,16 @@ def run(config, workdir: str, *, progress: bool = True,
     states[regime] = state
     store.save(i + 1, {"states": states})
     bar.update(n)
-    bar.set_postfix(loss=f"{float(np.mean(stats['loss'])):.3g}")
+    loss = float(np.mean(stats["loss"]))
+    bar.set_postfix(loss=f"{loss:.3g}")
     newly += 1
+    steps_left -= n
+    per_step = (time.time() - t_train) / sum(m for _, _, m in
+                                             chunks[done:i + 1])
+    bar.clear()
+    say(f"chunk {i + 1}/{len(chunks)} | {regime} steps {start + n}/{total} | "
+        f"loss {loss:.4g} | {time.time() - t_chunk:.1f} s | ETA training "
+        f"{format_seconds(per_step * steps_left)}")
     if stop_after_chunks is not None and newly >= stop_after_chunks \
         and i + 1 < len(chunks):
       bar.close()
@@ -113,9 +140,12 @@ def run(config, workdir: str, *, progress: bool = True,
   evaluate = seed_sweep(study.evaluate)
   metrics = {}
   for regime in study.regimes:
-    metrics[regime] = evaluate(states[regime], problems, dataset(regime))
-  metrics = jax.tree.map(np.asarray, metrics)
-  report(config, workdir, seeds, metrics)
+    t_eval = time.time()
+    metrics[regime] = distributed.to_host(
+        evaluate(states[regime], problems, dataset(regime)))
+    say(f"evaluation | {regime} | {time.time() - t_eval:.1f} s")
+  if main:
+    report(config, workdir, seeds, metrics)
   return {"states": states, "metrics": metrics}
 
 

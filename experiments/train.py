@@ -42,6 +42,7 @@ from tsjax.methods.common import ModelLogits
 from tsjax.methods.distill import teacher_ctx
 from tsjax.train import TrainState
 from tsjax.train import classifier as clf
+from tsjax.train import distributed
 from tsjax.train.fit import fit
 from tsjax.train.teachers import load_teacher
 
@@ -330,10 +331,7 @@ def run(config, workdir: str, *, progress: bool = True,
         stop_after_epochs: int | None = None) -> dict | None:
   """Trains, selects and evaluates (see the module docstring)."""
   validate(config)
-  if config.distributed.coordinator_address:
-    jax.distributed.initialize(config.distributed.coordinator_address,
-                               int(config.distributed.num_processes),
-                               int(config.distributed.process_id))
+  distributed.initialize(config.distributed)
   train, val, test = load_data(config)
   model = make_model(config, train)
   common.prepare_workdir(workdir, config)
@@ -393,12 +391,13 @@ def run(config, workdir: str, *, progress: bool = True,
              "best_epoch": out["best"]["epoch"] if out["best"] else None,
              "results": results, "history": out["history"],
              "config": common.config_dict(config)}
-  common.atomic_write(os.path.join(workdir, "results.json"),
-                      json.dumps(common.to_jsonable(summary), indent=2))
   text = results_markdown(config, summary)
-  common.atomic_write(os.path.join(workdir, "results.md"), text)
-  if progress:
-    print(text)
+  if distributed.is_main_process():   # the other processes write nothing
+    common.atomic_write(os.path.join(workdir, "results.json"),
+                        json.dumps(common.to_jsonable(summary), indent=2))
+    common.atomic_write(os.path.join(workdir, "results.md"), text)
+    if progress:
+      print(text)
   return {"summary": summary, "fit": out}
 
 

@@ -12,13 +12,19 @@ IAD, KD, FunMatch, §5 reductions and stop-gradients).
   loss equals the NumPy formula at the method's own attack / mixup point
   (recomputed with the step's key), parameters move, the teacher does not.
 * AdvFunMatch's inner maximisation (KL grows, stays in the ball and in
-  [0, 1], gradient through both networks); a PeerAiD step on a batch-norm
-  model updates both networks' parameters and running statistics (3 student
-  and 2 peer train-mode passes); SWA averaging and batch-norm re-estimation
-  against a direct computation (and ``torch.optim.swa_utils.update_bn``).
+  [0, 1], gradient through both networks; the best vs the last iterate); a
+  PeerAiD step on a batch-norm model updates both networks' parameters and
+  running statistics (3 student and 1 peer train-mode passes); ARD and IAD
+  steps on a batch-norm student attacked in train mode against an
+  independent PGD loop and running-statistic recursion (one update per
+  attack step, then ARD's S(x'), S(x); IAD's S(x'), S(x') discarded, S(x),
+  and S(x) again from the begin epoch); SWA averaging and batch-norm
+  re-estimation against a direct computation (and
+  ``torch.optim.swa_utils.update_bn``).
 * The teacher never enters the student's checkpoints (``fit`` on a tiny
   problem; end to end through ``experiments.distill`` under ``-m slow``),
-  config errors before compiling, and a teacher from a PyTorch state dict.
+  config errors before compiling, the registry records, and a teacher from a
+  PyTorch state dict.
 """
 
 import os
@@ -33,9 +39,10 @@ import optax
 import pytest
 
 from tsjax import config_checks as cc
-from tsjax import losses, models
+from tsjax import losses, methods, models
+from tsjax.attacks import AttackSpec
 from tsjax.methods import advfunmatch, ard, funmatch, iad, kd, peeraid, rslad
-from tsjax.methods.common import ImageAttack, ce_attack, logits_fn, run_attack
+from tsjax.methods.common import ce_attack, logits_fn
 from tsjax.methods.distill import teacher_ctx, teacher_logits
 from tsjax.train import CheckpointStore, TrainState
 from tsjax.train import classifier as clf
@@ -103,12 +110,15 @@ def ref_iad(s_adv, s_nat, t_nat, t_adv, y, epoch, begin, tau, beta):  # §4.7
   return first + np.mean((1 - alpha) * kl_elem(s_nat, s_adv).sum(-1))
 
 
-def ref_peeraid(p1, s1, p2, s2, sn, y, w):                         # §2.2
+def ref_peeraid(p, s1, s2, sn, y, w):                              # §2.2
+  """``p``: the peer's one train-mode pass at x* (main.py:359), used by
+  both losses; ``s1`` / ``s2``: the student's two passes at x* (L_peer's
+  target, L_student's input); ``sn``: S(x)."""
   kl = kl_mean if w.reduction == "mean" else kl_batchmean
-  l_peer = (w.gamma1 * np_ce(p1, y)
-            + w.gamma2 * w.tau_p ** 2 * kl(s1, p1, w.tau_p))
+  l_peer = (w.gamma1 * np_ce(p, y)
+            + w.gamma2 * w.tau_p ** 2 * kl(s1, p, w.tau_p))
   l_student = (w.lambda1 * np_ce(s2, y)
-               + w.lambda2 * w.tau ** 2 * kl(p2, s2, w.tau)
+               + w.lambda2 * w.tau ** 2 * kl(p, s2, w.tau)
                + w.lambda3 * w.tau ** 2 * kl(sn, s2, w.tau))
   return l_peer + l_student, l_peer, l_student
 
@@ -246,19 +256,19 @@ def test_iad_objective_trust_only_after_begin_epoch(epoch, tau, beta):
 
 
 PEERAID_WEIGHTS = [
-    peeraid.PeerAiDWeights(),                                  # CIFAR-10
-    peeraid.PeerAiDWeights.for_dataset("tiny_imagenet"),       # lambda1 > 0
-    peeraid.PeerAiDWeights(tau=4.0, tau_p=2.0, gamma1=0.5, gamma2=3.0,
-                           lambda1=0.2, lambda2=1.5, lambda3=2.5),
-    peeraid.PeerAiDWeights(tau=4.0, tau_p=2.0, gamma1=0.5, gamma2=3.0,
-                           lambda1=0.2, lambda2=1.5, lambda3=2.5,
-                           reduction="batchmean"),
+    peeraid.Options(),                                  # CIFAR-10
+    peeraid.Options.for_dataset("tiny_imagenet"),       # lambda1 > 0
+    peeraid.Options(tau=4.0, tau_p=2.0, gamma1=0.5, gamma2=3.0,
+                    lambda1=0.2, lambda2=1.5, lambda3=2.5),
+    peeraid.Options(tau=4.0, tau_p=2.0, gamma1=0.5, gamma2=3.0,
+                    lambda1=0.2, lambda2=1.5, lambda3=2.5,
+                    reduction="batchmean"),
 ]
 
 
 @pytest.mark.parametrize("w", PEERAID_WEIGHTS)
 def test_peeraid_objective(w):
-  args = _logits(6, 5)
+  args = _logits(6, 4)     # p_adv, s_adv_1, s_adv_2, s_clean
   y = _labels()
   got = peeraid.peeraid_objective(*args, y, w)
   for g, r in zip(got, ref_peeraid(*args, y, w)):
@@ -277,14 +287,14 @@ def test_peeraid_weights_table():
           "tiny_imagenet": (1, 1, 1, 100, 0.035, 35, 20)}
   names = ("tau", "tau_p", "gamma1", "gamma2", "lambda1", "lambda2", "lambda3")
   for ds, row in rows.items():
-    w = peeraid.PeerAiDWeights.for_dataset(ds)
+    w = peeraid.Options.for_dataset(ds)
     assert tuple(getattr(w, n) for n in names) == row and w.reduction == "mean"
     o = dcfg.get_config(f"peeraid,{ds}").method.options
     assert tuple(o[n] for n in names) == row and o.reduction == "mean"
   o = dcfg.get_config("peeraid,fashion_mnist").method.options
   assert tuple(o[n] for n in names) == rows["cifar10"]
   with pytest.raises(ValueError, match="no PeerAiD weights"):
-    peeraid.PeerAiDWeights.for_dataset("mnist")
+    peeraid.Options.for_dataset("mnist")
 
 
 # ----------------------------------------------------- 2. gradient paths
@@ -294,36 +304,41 @@ def _norm(a):
 
 def test_peeraid_gradient_paths():
   w = PEERAID_WEIGHTS[2]
-  args = _logits(7, 5)     # p_adv_1, s_adv_1, p_adv_2, s_adv_2, s_clean
+  args = _logits(7, 4)     # p_adv, s_adv_1, s_adv_2, s_clean
   y = _labels()
   part = lambda i: (lambda *a: peeraid.peeraid_objective(*a, y, w)[i])
-  g_tot, g_peer, g_stu = (jax.grad(part(i), argnums=tuple(range(5)))(*args)
+  g_tot, g_peer, g_stu = (jax.grad(part(i), argnums=tuple(range(4)))(*args)
                           for i in range(3))
-  # L_student: the peer's logits are detached (exactly zero gradient).
-  assert _norm(g_stu[2]) == 0.0
-  # ... although the undetached formula does depend on them:
-  ref_stu = lambda k: (lambda z: ref_peeraid(*[z if j == k else a for j, a in
-                                               enumerate(args)], y, w)[2])
-  assert _norm(finite_diff(ref_stu(2), args[2])) > 1e-3
+  # ref(k, i): term i (0 total, 1 L_peer, 2 L_student) of the undetached
+  # NumPy formula as a function of logit k.
+  ref = lambda k, i: (lambda z: ref_peeraid(*[z if j == k else a for j, a in
+                                              enumerate(args)], y, w)[i])
+  # The peer's one pass P(x*) feeds both losses: L_peer trains the peer
+  # through it (CE and the KL's input) ...
+  assert _norm(g_peer[0]) > 1e-3
+  _close(g_peer[0], finite_diff(ref(0, 1), args[0]), 1e-8)
+  # ... while L_student reads it detached (exactly zero gradient) ...
+  assert _norm(g_stu[0]) == 0.0
+  # ... although the undetached formula does depend on it: the total
+  # gradient at P(x*) is L_peer's alone, not the undetached total's.
+  assert _norm(finite_diff(ref(0, 2), args[0])) > 1e-3
+  _close(g_tot[0], g_peer[0], 1e-12)
+  assert _norm(np.asarray(g_tot[0]) - finite_diff(ref(0, 0), args[0])) > 1e-3
   # L_peer's KL target S(x*) is NOT detached: the reference's kl_div
   # differentiates its target. Same gradient as the undetached formula.
-  ref_peer = lambda k: (lambda z: ref_peeraid(*[z if j == k else a for j, a in
-                                                enumerate(args)], y, w)[1])
   assert _norm(g_peer[1]) > 1e-3
-  _close(g_peer[1], finite_diff(ref_peer(1), args[1]), 1e-8)
-  _close(g_peer[0], finite_diff(ref_peer(0), args[0]), 1e-8)
+  _close(g_peer[1], finite_diff(ref(1, 1), args[1]), 1e-8)
   # L_student: S(x*) and the clean S(x) (lambda3 term, both sides) get
   # gradient, equal to the formula's.
-  assert _norm(g_stu[4]) > 1e-3
-  _close(g_stu[4], finite_diff(ref_stu(4), args[4]), 1e-8)
-  _close(g_stu[3], finite_diff(ref_stu(3), args[3]), 1e-8)
-  # No cross terms: L_peer does not see the *_2 / clean logits, L_student
-  # not the *_1 ones; the total is the sum.
-  for k in (2, 3, 4):
+  assert _norm(g_stu[3]) > 1e-3
+  _close(g_stu[3], finite_diff(ref(3, 2), args[3]), 1e-8)
+  _close(g_stu[2], finite_diff(ref(2, 2), args[2]), 1e-8)
+  # No cross terms: L_peer does not see L_student's S(x*) nor S(x),
+  # L_student not L_peer's S(x*); the total is the sum.
+  for k in (2, 3):
     assert _norm(g_peer[k]) == 0.0
-  for k in (0, 1):
-    assert _norm(g_stu[k]) == 0.0
-  for k in range(5):
+  assert _norm(g_stu[1]) == 0.0
+  for k in range(4):
     _close(g_tot[k], np.asarray(g_peer[k]) + np.asarray(g_stu[k]), 1e-12)
 
 
@@ -430,14 +445,18 @@ def tiny():
 
 
 # ------------------------------------------- 3. one step of every method
-ATT_U_TRAIN = ImageAttack(eps=0.1, step_size=0.05, steps=2, bn_mode="train")
-ATT_N = ImageAttack(eps=0.1, step_size=0.05, steps=2, start_std=1e-3)
-ATT_AFM = ImageAttack(eps=0.1, step_size=0.025, steps=6, start_std=1e-3)
-KD_OPTS = dict(alpha=0.7, temperature=3.0)
-ARD_OPTS = dict(alpha=0.8, temperature=5.0)
-IAD_OPTS = dict(temperature=2.0, beta=0.1, begin_epoch=1)
-FM_OPTS = dict(temperature=2.0)
-AFM_OPTS = dict(temperature=2.0, clean_weight=0.5)
+# Uniform start (ARD / IAD, the student in train mode: SmallCNN has no batch
+# norm, see section 5 for the statistics); Gaussian start x + 0.001 N(0, I)
+# (RSLAD); AdvFunMatch as its recipe: Gaussian start, the best iterate.
+ATT_U_TRAIN = AttackSpec(eps=0.1, step_size=0.05, steps=2, bn_mode="train")
+ATT_N = AttackSpec(eps=0.1, step_size=0.05, steps=2, start="normal")
+ATT_AFM = AttackSpec(eps=0.1, step_size=0.025, steps=6, start="normal",
+                     keep_best=True)
+KD_OPTS = kd.Options(alpha=0.7, temperature=3.0)
+ARD_OPTS = ard.Options(alpha=0.8, temperature=5.0)
+IAD_OPTS = iad.Options(temperature=2.0, beta=0.1, begin_epoch=1)
+FM_OPTS = funmatch.Options(temperature=2.0)
+AFM_OPTS = advfunmatch.Options(temperature=2.0, clean_weight=0.5)
 PEER_W = PEERAID_WEIGHTS[2]
 # PeerAiD's step (joint student + peer) is tested on a batch-norm model below.
 DISTILL_METHODS = ("kd", "ard", "rslad", "iad", "funmatch", "advfunmatch")
@@ -445,20 +464,15 @@ _STEPS = {}
 
 
 def method_loss(name, t):
-  s, te = t["student"], t["teacher"]
-  if name == "kd":
-    return kd.make_loss(s, te, **KD_OPTS)
-  if name == "ard":
-    return ard.make_loss(s, te, ATT_U_TRAIN, **ARD_OPTS)
-  if name == "rslad":
-    return rslad.make_loss(s, te, ATT_N)
-  if name == "iad":
-    return iad.make_loss(s, te, ATT_U_TRAIN, **IAD_OPTS)
-  if name == "funmatch":
-    return funmatch.make_loss(s, te, **FM_OPTS)
-  if name == "advfunmatch":
-    return advfunmatch.make_loss(s, te, ATT_AFM, **AFM_OPTS)
-  raise ValueError(name)
+  """The method's loss through the one signature every method has."""
+  module = {"kd": kd, "ard": ard, "rslad": rslad, "iad": iad,
+            "funmatch": funmatch, "advfunmatch": advfunmatch}[name]
+  attack, options = {
+      "kd": (None, KD_OPTS), "ard": (ATT_U_TRAIN, ARD_OPTS),
+      "rslad": (ATT_N, rslad.Options()), "iad": (ATT_U_TRAIN, IAD_OPTS),
+      "funmatch": (None, FM_OPTS), "advfunmatch": (ATT_AFM, AFM_OPTS)}[name]
+  return module.make_loss(t["student"], teacher=t["teacher"], attack=attack,
+                          options=options)
 
 
 OPT = optax.sgd(0.1, momentum=0.9)
@@ -479,35 +493,32 @@ def expected_loss(name, t, params, key, batch):
   S = lambda xx: z_of(s, params, xx)
   T = lambda xx: z_of(te, tp, xx)
   if name == "kd":
-    return ref_kd(S(x), T(x), y, **{"alpha": KD_OPTS["alpha"],
-                                    "tau": KD_OPTS["temperature"]})
+    return ref_kd(S(x), T(x), y, KD_OPTS.alpha, KD_OPTS.temperature)
   if name in ("ard", "iad"):   # the same attack: one compile for both
-    x_adv = _ce_attack_jit(s, params, sm, x, y, key, ATT_U_TRAIN)
+    x_adv, _ = _ce_attack_jit(s, params, sm, x, y, key, ATT_U_TRAIN)
     if name == "ard":
-      return ref_ard(S(x_adv), S(x), T(x), y, ARD_OPTS["alpha"],
-                     ARD_OPTS["temperature"])
+      return ref_ard(S(x_adv), S(x), T(x), y, ARD_OPTS.alpha,
+                     ARD_OPTS.temperature)
     return ref_iad(S(x_adv), S(x), T(x), T(x_adv), y, int(batch["epoch"]),
-                   IAD_OPTS["begin_epoch"], IAD_OPTS["temperature"],
-                   IAD_OPTS["beta"])
+                   IAD_OPTS.begin_epoch, IAD_OPTS.temperature, IAD_OPTS.beta)
   if name == "rslad":
     f = logits_fn(s, params, sm)
     t_nat = jnp.asarray(T(x))
-    x_adv = jax.jit(lambda: run_attack(
-        ATT_N, lambda xa: losses.kl(t_nat, f(xa), reduction="none"), x,
-        key))()
+    x_adv = jax.jit(lambda: ATT_N.run(
+        lambda xa: losses.kl(t_nat, f(xa), reduction="none"), x, key))()
     return ref_rslad(S(x_adv), S(x), T(x))
   if name == "funmatch":
     x_mix, a = _mixup_jit(key, jnp.asarray(x), 1.0)
     a = float(a)       # a = max(b, 1 - b): the own image dominates
     assert 0.5 <= a <= 1.0
     _close(x_mix, a * x + (1 - a) * np.roll(x, 1, axis=0), 1e-12)
-    return ref_funmatch(S(x_mix), T(x_mix), FM_OPTS["temperature"])
+    return ref_funmatch(S(x_mix), T(x_mix), FM_OPTS.temperature)
   if name == "advfunmatch":
     x_adv, _ = _mismatch_jit(te, s, params, sm, ctx, x, key, ATT_AFM,
-                             temperature=AFM_OPTS["temperature"])
-    tau = AFM_OPTS["temperature"]
+                             temperature=AFM_OPTS.temperature)
+    tau = AFM_OPTS.temperature
     return (ref_funmatch(S(x_adv), T(x_adv), tau)
-            + AFM_OPTS["clean_weight"] * ref_funmatch(S(x), T(x), tau))
+            + AFM_OPTS.clean_weight * ref_funmatch(S(x), T(x), tau))
   raise ValueError(name)
 
 
@@ -573,7 +584,7 @@ def test_advfunmatch_inner_maximisation(tiny):
   t = tiny
   s, te, x = t["student"], t["teacher"], jnp.asarray(t["x"])
   ctx = teacher_ctx(t["tp"], t["tm"])
-  att, tau = ATT_AFM, AFM_OPTS["temperature"]
+  att, tau = ATT_AFM, AFM_OPTS.temperature
   x_adv, kl_adv = _mismatch_jit(te, s, t["sp"], t["sm"], ctx, x,
                                 jax.random.key(5), att, temperature=tau)
   x_adv, kl_adv = np.asarray(x_adv), np.asarray(kl_adv)
@@ -594,6 +605,56 @@ def test_advfunmatch_inner_maximisation(tiny):
   assert np.all(kl_adv > kl_clean), (kl_adv, kl_clean)
   assert kl_adv.mean() > 1.3 * kl_clean.mean()   # 1.16 with the student-only gradient
   assert kl_adv.mean() > kl_rand.mean() and np.mean(kl_adv >= kl_rand) >= 0.75
+
+
+def test_advfunmatch_best_vs_last_iterate(tiny):
+  """``keep_best=True`` (the recipe) returns the per-example best iterate,
+  ``False`` AdaAD's last one (AT_helper.py:22-48): the same iterates (same
+  key), so the best KL is >= the last one for every example."""
+  t = tiny
+  s, te, x = t["student"], t["teacher"], jnp.asarray(t["x"])
+  ctx = teacher_ctx(t["tp"], t["tm"])
+  tau, key = AFM_OPTS.temperature, jax.random.key(5)
+  _, kl_best = _mismatch_jit(te, s, t["sp"], t["sm"], ctx, x, key, ATT_AFM,
+                             temperature=tau)
+  x_last, kl_last = _mismatch_jit(te, s, t["sp"], t["sm"], ctx, x, key,
+                                  ATT_AFM.replace(keep_best=False),
+                                  temperature=tau)
+  x_last = np.asarray(x_last)
+  assert np.abs(x_last - t["x"]).max() <= ATT_AFM.eps + 1e-12
+  assert x_last.min() >= 0.0 and x_last.max() <= 1.0
+  _close(kl_last, kl_elem(z_of(te, t["tp"], x_last), z_of(s, t["sp"], x_last),
+                          tau).sum(-1), 1e-9)
+  assert np.all(np.asarray(kl_best) >= np.asarray(kl_last) - 1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "mean"])
+def test_advfunmatch_outer_reduction(reduction, tiny):
+  """``Options.reduction``: ``"batchmean"`` (FunMatch's, the default) or
+  ``"mean"`` (/ (B * C), AdaAD's ``nn.KLDivLoss()``), in both KL terms. A
+  zero-step inner loop keeps this cheap (x* = the projected Gaussian start)."""
+  t = tiny
+  s, te, x, y = t["student"], t["teacher"], t["x"], t["y"]
+  ctx = teacher_ctx(t["tp"], t["tm"])
+  att = ATT_AFM.replace(steps=0)
+  opts = advfunmatch.Options(temperature=2.0, clean_weight=0.5,
+                             reduction=reduction)
+  fn = jax.jit(advfunmatch.make_loss(s, teacher=te, attack=att, options=opts))
+  key = jax.random.key(8)
+  loss, (metrics, _) = fn(t["sp"], t["sm"], {"image": x, "label": y}, key, ctx)
+  x_adv, _ = _mismatch_jit(te, s, t["sp"], t["sm"], ctx, jnp.asarray(x), key,
+                           att, temperature=opts.temperature)
+  x_adv = np.asarray(x_adv)
+  assert 0 < np.abs(x_adv - x).max() <= 0.01          # 0.001 N(0, I) start
+  kl = kl_batchmean if reduction == "batchmean" else kl_mean
+  tau = opts.temperature
+  S = lambda xx: z_of(s, t["sp"], xx)
+  T = lambda xx: z_of(te, t["tp"], xx)
+  adv = tau ** 2 * kl(T(x_adv), S(x_adv), tau)
+  nat = tau ** 2 * kl(T(x), S(x), tau)
+  _close(metrics["kl_adv"], adv, 1e-9)
+  _close(metrics["kl_clean"], nat, 1e-9)
+  _close(loss, adv + opts.clean_weight * nat, 1e-9)
 
 
 def test_advfunmatch_inner_gradient_flows_through_teacher_and_student(tiny):
@@ -618,7 +679,7 @@ def test_advfunmatch_inner_gradient_flows_through_teacher_and_student(tiny):
   assert _norm(g - g_student) > 1e-6
 
 
-# ----------------------------------- 5. PeerAiD step with batch norm
+# ------------------- 5. PeerAiD, ARD and IAD steps with batch norm
 class TinyBN(nn.Module):
   """conv 3x3 -> BatchNorm (momentum 0.9, eps 1e-5) -> ReLU -> mean pool ->
   dense; the smallest model with batch norm."""
@@ -642,45 +703,192 @@ def bn_input(params, x):
       {"params": params["conv"]}, jnp.asarray(x)), np.float64)
 
 
+def running_stats(params, model_state, inputs):
+  """TinyBN's running statistics after one train-mode pass at each of
+  ``inputs`` in order: a momentum-0.9 update with the batch mean and
+  *biased* variance of the BN input (NumPy)."""
+  m, v = (np.asarray(model_state["batch_stats"]["bn"][k]) for k in
+          ("mean", "var"))
+  for xx in inputs:
+    h = bn_input(params, xx)
+    m, v = 0.9 * m + 0.1 * h.mean((0, 1, 2)), 0.9 * v + 0.1 * h.var((0, 1, 2))
+  return m, v
+
+
+def _close_stats(model_state, want, tol=1e-9):
+  _close(model_state["batch_stats"]["bn"]["mean"], want[0], tol)
+  _close(model_state["batch_stats"]["bn"]["var"], want[1], tol)
+
+
+def _stats_differ(a, b):
+  return max(np.abs(a[0] - b[0]).max(), np.abs(a[1] - b[1]).max()) > 1e-6
+
+
 def test_peeraid_step_updates_student_and_peer_with_batch_norm(tiny):
   model = TinyBN()
   seeds = iter((10, 11))
   params, ms = peeraid.init_pair(lambda k: init_numpy(model, HW, next(seeds)),
                                  jax.random.key(4))
   x, y = tiny["x"], tiny["y"]
-  att = ImageAttack(eps=0.1, step_size=0.05, steps=2, start_std=1e-3)
+  att = AttackSpec(eps=0.1, step_size=0.05, steps=2, start="normal")
   opt = optax.sgd(0.1)
   state = TrainState.create(jax.tree.map(jnp.array, params), opt,
                             jax.random.key(6), jax.tree.map(jnp.array, ms))
-  step = clf.jit_train_step(peeraid.make_loss(model, model, att, PEER_W), opt)
+  # The peer: the student's architecture (make_loss's default).
+  loss_fn = peeraid.make_loss(model, attack=att, options=PEER_W)
+  step = clf.jit_train_step(loss_fn, opt)
   new, metrics = step(state, {"image": x, "label": y}, None)
   assert bool(metrics["finite"]) and int(new.step) == 1
   for net in ("student", "peer"):
     assert min(_max_diff(new.params[net], params[net])) > 0, net
     assert min(_max_diff(new.model_state[net], ms[net])) > 0, net
-  # Running statistics: the student ran 3 train-mode passes (x*, x*, x), the
-  # peer 2 (x*, x*), each a momentum-0.9 update with the batch statistics
-  # (biased variance) of its input.
-  x_adv = np.asarray(jax.jit(lambda: peeraid.student_adversarial(
-      model, model, params, ms, jnp.asarray(x), jax.random.fold_in(jax.random.key(6), 0),
-      att))())
+  # The inner maximisation runs the student in eval mode: no update.
+  x_adv, s_state = jax.jit(lambda: peeraid.student_adversarial(
+      model, model, params, ms, jnp.asarray(x),
+      jax.random.fold_in(jax.random.key(6), 0), att))()
+  x_adv = np.asarray(x_adv)
+  jax.tree.map(np.testing.assert_array_equal, s_state, ms["student"])
   # The loss: the reference formula on the train-mode (batch-statistics)
-  # logits; both train-mode passes of a network at x* give the same logits.
+  # logits; the peer's one pass at x* feeds both losses, the student's two
+  # passes at x* give the same logits.
   z = lambda net, xx: np.asarray(_apply_train_jit(
       model, {"params": params[net], **ms[net]}, jnp.asarray(xx)))
   sa, pa = z("student", x_adv), z("peer", x_adv)
-  want = ref_peeraid(pa, sa, pa, sa, z("student", x), y, PEER_W)
+  want = ref_peeraid(pa, sa, sa, z("student", x), y, PEER_W)
   for k, v in zip(("loss", "loss_peer", "loss_student"), want):
     np.testing.assert_allclose(float(metrics[k]), v, rtol=1e-9, atol=1e-12)
-  stats = lambda net, xx: (bn_input(params[net], xx).mean((0, 1, 2)),
-                           bn_input(params[net], xx).var((0, 1, 2)))
-  for net, inputs in (("student", (x_adv, x_adv, x)), ("peer", (x_adv, x_adv))):
-    m, v = (np.asarray(ms[net]["batch_stats"]["bn"][k]) for k in ("mean", "var"))
-    for xx in inputs:
-      bm, bv = stats(net, xx)
-      m, v = 0.9 * m + 0.1 * bm, 0.9 * v + 0.1 * bv
-    _close(new.model_state[net]["batch_stats"]["bn"]["mean"], m, 1e-9)
-    _close(new.model_state[net]["batch_stats"]["bn"]["var"], v, 1e-9)
+  # Running statistics as the reference's train-mode passes update them
+  # (main.py:359-383): the student 3 (x*, x*, x), the peer 1 (x*).
+  for net, inputs in (("student", (x_adv, x_adv, x)), ("peer", (x_adv,))):
+    _close_stats(new.model_state[net], running_stats(params[net], ms[net],
+                                                     inputs))
+  # (The check can fail: a second peer pass at x* gives another state.)
+  assert _stats_differ(running_stats(params["peer"], ms["peer"], (x_adv,)),
+                       running_stats(params["peer"], ms["peer"],
+                                     (x_adv, x_adv)))
+
+
+def tinybn_train_logits(params, x):
+  """TinyBN in train mode written out (not through Flax's BatchNorm): the
+  batch mean and biased variance of the conv output over (N, H, W)."""
+  c, bn, fc = params["conv"], params["bn"], params["fc"]
+  h = jax.lax.conv_general_dilated(
+      x, c["kernel"], (1, 1), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC")) + c["bias"]
+  m = h.mean((0, 1, 2))
+  v = ((h - m) ** 2).mean((0, 1, 2))
+  h = (h - m) / jnp.sqrt(v + 1e-5) * bn["scale"] + bn["bias"]
+  return jax.nn.relu(h).mean((1, 2)) @ fc["kernel"] + fc["bias"]
+
+
+def _summed_ce(params, x, y):
+  return -jnp.sum(jnp.take_along_axis(
+      jax.nn.log_softmax(tinybn_train_logits(params, x)), y[:, None], 1))
+
+
+_ce_input_grad = jax.jit(jax.grad(_summed_ce, argnums=1))
+
+
+def ref_train_mode_pgd(params, x, y, att):
+  """ARD's ``AttackPGD`` on a train-mode student (main.py:68-79) from a zero
+  start: sign steps on the summed cross-entropy, projected to the eps-ball
+  and [0, 1]. Returns the iterates ``[x_0, ..., x_K]``; the attack's
+  forward passes (one running-statistic update each) run at x_0..x_{K-1}."""
+  xs = [np.array(x, np.float64)]
+  for _ in range(att.steps):
+    g = np.asarray(_ce_input_grad(params, jnp.asarray(xs[-1]), jnp.asarray(y)))
+    xn = np.clip(xs[-1] + att.step_size * np.sign(g), x - att.eps, x + att.eps)
+    xs.append(np.clip(xn, 0.0, 1.0))
+  return xs
+
+
+# The student attacked in train mode (the ARD / IAD recipes), zero start so
+# the iterates are reproducible without the attack's random draw.
+ATT_BN = AttackSpec(eps=0.1, step_size=0.04, steps=3, start="zero",
+                    bn_mode="train")
+
+
+@pytest.fixture(scope="module")
+def bn_pair(tiny):
+  """A TinyBN student and a TinyBN teacher (its own variables, eval mode)."""
+  model = TinyBN()
+  sp, sm = init_numpy(model, HW, 20)
+  tp, tm = init_numpy(model, HW, 21)
+  # Flax keeps running statistics in float32; this float64 model updates
+  # them in float64, so start there (the attack loop carries them).
+  sm = jax.tree.map(lambda a: np.asarray(a, np.float64), sm)
+  x, y = tiny["x"], tiny["y"]
+  xs = ref_train_mode_pgd(sp, x, y, ATT_BN)
+  assert np.abs(xs[-1] - x).max() > 0.5 * ATT_BN.eps       # the attack moved
+  S = lambda xx: np.asarray(tinybn_train_logits(sp, jnp.asarray(xx)))
+  T = lambda xx: z_of(model, tp, xx, tm)
+  return dict(model=model, sp=sp, sm=sm, tp=tp, tm=tm, x=x, y=y, xs=xs, S=S,
+              T=T, ctx=teacher_ctx(tp, tm))
+
+
+def test_train_mode_ce_attack_updates_batch_norm_once_per_step(bn_pair):
+  b = bn_pair
+  # The written-out train-mode forward is Flax's.
+  _close(b["S"](b["x"]), _apply_train_jit(b["model"], {"params": b["sp"],
+                                                       **b["sm"]},
+                                          jnp.asarray(b["x"])), 1e-10)
+  x_adv, new_ms = _ce_attack_jit(b["model"], b["sp"], b["sm"],
+                                 jnp.asarray(b["x"]), jnp.asarray(b["y"]),
+                                 jax.random.key(0), ATT_BN)
+  _close(x_adv, b["xs"][-1], 1e-12)
+  _close_stats(new_ms, running_stats(b["sp"], b["sm"], b["xs"][:-1]))
+  # In eval mode the running statistics are read, never written.
+  _, eval_ms = _ce_attack_jit(b["model"], b["sp"], b["sm"], jnp.asarray(b["x"]),
+                              jnp.asarray(b["y"]), jax.random.key(0),
+                              ATT_BN.replace(bn_mode="eval"))
+  jax.tree.map(np.testing.assert_array_equal, eval_ms, b["sm"])
+
+
+def test_ard_step_with_train_mode_attack_updates_batch_norm(bn_pair):
+  """ARD (main.py:68-79, 121-123): K attack passes, then S(x') and S(x), all
+  in train mode: K + 2 running-statistic updates per step."""
+  b = bn_pair
+  opts = ard.Options(alpha=0.8, temperature=5.0)
+  fn = jax.jit(ard.make_loss(b["model"], teacher=b["model"], attack=ATT_BN,
+                             options=opts))
+  x, y, xs = b["x"], b["y"], b["xs"]
+  loss, (metrics, new_ms) = fn(b["sp"], b["sm"], {"image": x, "label": y},
+                               jax.random.key(1), b["ctx"])
+  S, T = b["S"], b["T"]
+  want = ref_ard(S(xs[-1]), S(x), T(x), y, opts.alpha, opts.temperature)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(float(metrics["ce"]), np_ce(S(x), y), rtol=1e-9)
+  ref = running_stats(b["sp"], b["sm"], xs[:-1] + [xs[-1], x])
+  _close_stats(new_ms, ref)
+  # The check can fail: discarding the attack's updates gives other
+  # statistics.
+  assert _stats_differ(ref, running_stats(b["sp"], b["sm"], [xs[-1], x]))
+
+
+def test_iad_step_batch_norm_passes_before_and_after_begin_epoch(bn_pair):
+  """IAD-I (IAD-I.py:95-106, 164-178): K attack passes, S(x'), a discarded
+  S(x') (``basicop``), S(x), and from the begin epoch on S(x) once more."""
+  b = bn_pair
+  opts = iad.Options(temperature=2.0, beta=0.1, begin_epoch=1)
+  fn = jax.jit(iad.make_loss(b["model"], teacher=b["model"], attack=ATT_BN,
+                             options=opts))
+  x, y, xs = b["x"], b["y"], b["xs"]
+  S, T = b["S"], b["T"]
+  results = {}
+  for epoch in (0, 1, 3):
+    loss, (metrics, new_ms) = fn(b["sp"], b["sm"],
+                                 {"image": x, "label": y,
+                                  "epoch": np.int32(epoch)},
+                                 jax.random.key(1), b["ctx"])
+    want = ref_iad(S(xs[-1]), S(x), T(x), T(xs[-1]), y, epoch,
+                   opts.begin_epoch, opts.temperature, opts.beta)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-9, atol=1e-12)
+    passes = xs[:-1] + [xs[-1], xs[-1], x] + ([x] if epoch >= 1 else [])
+    ref = running_stats(b["sp"], b["sm"], passes)
+    _close_stats(new_ms, ref)
+    results[epoch] = (float(loss), ref)
+  assert results[0][0] < results[1][0] == results[3][0]   # introspection on
+  assert _stats_differ(results[0][1], results[1][1])      # one S(x) more
 
 
 # ------------------------------------- 6. SWA and batch-norm re-estimation
@@ -850,10 +1058,33 @@ def test_config_errors_before_compiling(arg, edits, field, tmp_path):
 
 
 def test_peeraid_needs_no_teacher():
-  from experiments import distill
+  from experiments import train
   with compile_events() as events:
-    distill.validate(_distill_config("peeraid,fashion_mnist,smoke"))
+    train.validate(_distill_config("peeraid,fashion_mnist,smoke"))
   assert not events
+
+
+def test_registry_records_of_the_distillation_methods():
+  """Every distillation method is one registered record with the shared
+  ``make_loss(model, *, teacher, attack, options)``; the configs build its
+  ``Options`` (errors naming ``method.options.FIELD``)."""
+  modules = {"kd": kd, "ard": ard, "rslad": rslad, "iad": iad,
+             "funmatch": funmatch, "advfunmatch": advfunmatch,
+             "peeraid": peeraid}
+  for name, module in modules.items():
+    m = methods.REGISTRY[name]
+    assert m.make_loss is module.make_loss and m.options is module.Options
+    assert m.needs_teacher == (name != "peeraid")
+    assert m.uses_attack == (name not in ("kd", "funmatch"))
+    c = _distill_config(f"{name},fashion_mnist,smoke")
+    assert m.build_options(c.method.options) == module.Options(
+        **c.method.options.to_dict())
+  assert methods.REGISTRY["peeraid"].view is peeraid.student_view
+  assert methods.REGISTRY["peeraid"].init is peeraid.init_pair
+  with pytest.raises(cc.ConfigError, match="'method.options.alpha'"):
+    methods.REGISTRY["kd"].build_options({"alpha": 2.0})
+  with pytest.raises(cc.ConfigError, match="'method.options.gamma'"):
+    methods.REGISTRY["peeraid"].build_options({"gamma": 1.0})
 
 
 FMNIST = os.path.isdir("/usr/share/datasets/fashion-mnist")

@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tsjax import config_checks as cc
 from tsjax import losses, models
+from tsjax.attacks import AttackSpec
 from tsjax.methods import ccat, pgd_at, standard, trades
-from tsjax.methods.common import ImageAttack, forward
+from tsjax.methods.common import ce_attack, forward, logits_fn
 from tsjax.train import classifier as clf
 
 F32 = jnp.float32
@@ -40,26 +42,30 @@ def test_standard_loss_value_and_label_smoothing():
   loss, _ = standard.make_loss(model)(params, ms, {"image": x, "label": y},
                                       jax.random.key(0), None)
   np.testing.assert_allclose(loss, ref, rtol=1e-5)
+  loss, _ = standard.make_loss(model, options=standard.Options())(
+      params, ms, {"image": x, "label": y}, jax.random.key(0), None)
+  np.testing.assert_allclose(loss, ref, rtol=1e-5)
   eps, c = 0.1, z.shape[1]
   target = np.full(z.shape, eps / c)
   target[np.arange(len(y)), np.asarray(y)] += 1 - eps
   ref_ls = -np.mean((target * _log_softmax(z)).sum(-1))
-  loss_ls, _ = standard.make_loss(model, label_smoothing=eps)(
+  loss_ls, _ = standard.make_loss(
+      model, options=standard.Options(label_smoothing=eps))(
       params, ms, {"image": x, "label": y}, jax.random.key(0), None)
   np.testing.assert_allclose(loss_ls, ref_ls, rtol=1e-5)
 
 
-ATT = ImageAttack(eps=0.1, step_size=0.05, steps=3)
+ATT = AttackSpec(eps=0.1, step_size=0.05, steps=3)   # uniform start, last iterate
 
 
 def test_pgd_at_value_and_no_gradient_through_attack():
   model, params, ms, x, y = _setup()
   key = jax.random.key(3)
-  fn = pgd_at.make_loss(model, ATT)
+  fn = pgd_at.make_loss(model, attack=ATT)
   loss, _ = fn(params, ms, {"image": x, "label": y}, key, None)
   # Recreate the attack point exactly as the method does (same key).
-  from tsjax.methods.common import ce_attack
-  x_adv = ce_attack(model, params, ms, x, y, key, ATT)
+  x_adv, ms_after = ce_attack(model, params, ms, x, y, key, ATT)
+  assert ms_after is ms     # eval-mode attack: the state is returned as is
   assert float(jnp.max(jnp.abs(x_adv - x))) <= ATT.eps + 1e-6
   assert float(jnp.max(jnp.abs(x_adv - x))) > 0
   z = _logits(model, params, x_adv)
@@ -75,15 +81,14 @@ def test_pgd_at_value_and_no_gradient_through_attack():
 def test_trades_value_and_gradient_flows_through_both_terms():
   model, params, ms, x, y = _setup()
   key, beta = jax.random.key(4), 6.0
-  att = ImageAttack(eps=0.1, step_size=0.05, steps=3, start_std=0.001)
-  fn = trades.make_loss(model, att, beta=beta)
+  att = AttackSpec(eps=0.1, step_size=0.05, steps=3, start="normal",
+                   start_std=0.001)
+  fn = trades.make_loss(model, attack=att, options=trades.Options(beta=beta))
   loss, (m, _) = fn(params, ms, {"image": x, "label": y}, key, None)
   # The attack point: re-run the inner maximisation with the same key.
-  from tsjax.methods.common import logits_fn, run_attack
   f = logits_fn(model, params, ms)
   pc = f(x)
-  x_adv = run_attack(att, lambda xa: losses.kl(pc, f(xa), reduction="none"),
-                     x, key)
+  x_adv = att.run(lambda xa: losses.kl(pc, f(xa), reduction="none"), x, key)
   z, za = _logits(model, params, x), _logits(model, params, x_adv)
   lp, lq = _log_softmax(z), _log_softmax(za)
   kl = np.mean((np.exp(lp) * (lp - lq)).sum(-1))
@@ -105,16 +110,23 @@ def test_trades_value_and_gradient_flows_through_both_terms():
   assert diff > 1e-6   # the clean KL argument does carry gradient
 
 
-def test_ccat_targets_and_loss():
+CCAT_ATTACKS = [
+    AttackSpec(eps=0.1, step_size=0.05, steps=3),              # plain PGD
+    # The recipe's F7P: momentum, backtracking, mixed start, best iterate.
+    AttackSpec(eps=0.1, step_size=0.05, steps=3, optimizer="backtrack",
+               start="mixed", keep_best=True),
+]
+
+
+@pytest.mark.parametrize("att", CCAT_ATTACKS, ids=("pgd", "backtrack"))
+def test_ccat_targets_and_loss(att):
   model, params, ms, x, y = _setup(batch=8)
   key, rho = jax.random.key(5), 10.0
-  att = ImageAttack(eps=0.1, step_size=0.05, steps=3)
-  fn = ccat.make_loss(model, att, rho=rho, clean_fraction=0.5)
+  fn = ccat.make_loss(model, attack=att,
+                      options=ccat.Options(rho=rho, clean_fraction=0.5))
   loss, (m, _) = fn(params, ms, {"image": x, "label": y}, key, None)
-  from tsjax.methods.common import logits_fn, run_attack
   f = logits_fn(model, params, ms)
-  x_adv = run_attack(att, lambda xa: ccat.max_other_prob(f(xa), y[4:]), x[4:],
-                     key)
+  x_adv = att.run(lambda xa: ccat.max_other_prob(f(xa), y[4:]), x[4:], key)
   norm = np.abs(np.asarray(x_adv - x[4:])).reshape(4, -1).max(1)
   lam = 1 - (1 - np.minimum(1, norm / att.eps)) ** rho
   c = 4
@@ -155,11 +167,12 @@ def test_attack_bn_mode_train_uses_batch_statistics():
   model = models.get_model("preact_resnet18", num_classes=10)
   x = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3), F32)
   params, ms = clf.init_model(model, jax.random.key(1), (32, 32, 3))
-  from tsjax.methods.common import logits_fn
   ev = logits_fn(model, params, ms, "eval")(x)
   tr = logits_fn(model, params, ms, "train")(x)
   ref_tr, _ = forward(model, params, ms, x, train=True)
   np.testing.assert_allclose(tr, ref_tr, rtol=1e-5, atol=1e-5)
   assert float(jnp.max(jnp.abs(ev - tr))) > 1e-3
   with pytest.raises(ValueError, match="bn_mode"):
-    ImageAttack(bn_mode="batch")
+    AttackSpec(bn_mode="batch")
+  with pytest.raises(cc.ConfigError, match="'method.attack.bn_mode'"):
+    cc.build(AttackSpec, {"bn_mode": "batch"}, "method.attack")

@@ -4,6 +4,7 @@ data parallelism, NaN guard, TensorBoard files and BN re-estimation."""
 
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +30,14 @@ def _one_step(config, ds):
   model = models.get_model(config.model.name, num_classes=ds.num_classes,
                            mean=ds.mean, std=ds.std)
   opt, _ = clf.make_optimizer(config.train, 10)
-  params, ms = clf.init_model(model, jax.random.key(0), ds.image_shape)
+  built = exp.build(config, model, ds, jax.random.key(0))
+  assert built.ctx is None          # no teacher for these methods
+  params, ms = built.params, built.model_state
+  if config.method.name == "peeraid":
+    assert set(params) == {"student", "peer"}
   state = TrainState.create(params, opt, jax.random.key(1), ms)
   step = clf.jit_train_step(exp.with_augmentation(
-      exp.build_method(config, model), config, ds.num_classes), opt)
+      built.loss_fn, config, ds.num_classes), opt)
   batch = next(images.train_batches(ds.images, ds.labels, 8, seed=0))
   before = jax.tree.map(np.array, params)   # the step donates the state
   new, metrics = step(state, batch, None)
@@ -42,8 +47,9 @@ def _one_step(config, ds):
   assert max(moved) > 0 and int(new.step) == 1
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + ("peeraid",))
 def test_one_step_mock_cifar10(method):
+  """(PeerAiD: ``build`` initialises the student + peer tree.)"""
   config = get_config(f"cifar10,{method},smoke")
   config.augment = "crop_flip"
   with tfds.testing.mock_data(num_examples=16):
@@ -78,15 +84,15 @@ def test_masked_evaluation_counts_every_example_once():
 
 def test_eval_attacks_are_no_stronger_than_allowed():
   """PGD accuracy <= clean accuracy on the same points; eps 0 attack == clean."""
-  from tsjax.methods.common import ImageAttack
+  from tsjax.attacks import AttackSpec
   model = models.get_model("small_cnn", num_classes=3, features=(4,), hidden=8)
   params, ms = clf.init_model(model, jax.random.key(0), (8, 8, 1))
   rng = np.random.default_rng(1)
   x = rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)
   y = rng.integers(0, 3, 20).astype(np.int32)
   step = clf.make_eval_step(model, {
-      "pgd": ("ce", ImageAttack(eps=0.3, step_size=0.1, steps=5)),
-      "zero": ("cw", ImageAttack(eps=0.0, step_size=0.0, steps=1))})
+      "pgd": ("ce", AttackSpec(eps=0.3, step_size=0.1, steps=5)),
+      "zero": ("cw", AttackSpec(eps=0.0, step_size=0.0, steps=1))})
   r = clf.evaluate(step, params, ms, images.eval_batches(x, y, 8),
                    jax.random.key(0))
   assert r["pgd/acc"] <= r["clean/acc"]
@@ -119,6 +125,9 @@ def test_experiment_outputs_and_resume(tmp_path):
   res = json.load(open(tmp_path / "a" / "results.json"))
   assert set(res["results"]) >= {"last", "best"}
   assert res["results"]["last"]["num_test"] == 50
+  for row in res["results"].values():
+    assert row["pgd_steps"] == c.eval.pgd_steps
+    assert 0 <= row["pgd_acc"] <= 1 and 0 <= row["clean_acc"] <= 1
   assert 1 <= res["best_epoch"] <= 3
   assert len(res["history"]) == 3
   # metrics.jsonl and a readable TensorBoard event file
@@ -193,7 +202,10 @@ def test_data_parallel_step_matches_single_device():
   rng = np.random.default_rng(0)
   x = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
   y = rng.integers(0, 10, 32).astype(np.int32)
-  loss = exp.with_augmentation(exp.build_method(config, model), config, 10)
+  data = types.SimpleNamespace(image_shape=(32, 32, 3), num_classes=10,
+                               mean=(0.5,) * 3, std=(0.25,) * 3)
+  loss = exp.with_augmentation(
+      exp.build(config, model, data, jax.random.key(0)).loss_fn, config, 10)
   outs = []
   for devices in (jax.devices()[:1], jax.devices()[:4]):
     mesh = images.data_mesh(devices)

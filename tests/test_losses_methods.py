@@ -8,8 +8,8 @@ import pytest
 from tsjax import losses
 from tsjax.data import synthetic
 from tsjax.methods import ccat, offsubspace, pgd_at
-from tsjax.methods.teacher_student import (AttackConfig, Networks,
-                                           regression_loss, worst_case_inputs)
+from tsjax.methods.teacher_student import (Networks, regression_loss,
+                                           ts_attack, worst_case_inputs)
 from tsjax.models import MLP
 
 
@@ -135,7 +135,7 @@ def tiny_problem():
 
 def test_pgd_at_gradient_ignores_the_attack(tiny_problem):
   nets, params, ctx, x = tiny_problem
-  att = AttackConfig(norm="l2", eps=0.8, step_size=0.4, steps=3)
+  att = ts_attack("l2", eps=0.8, step_size=0.4, steps=3)
   key = jax.random.key(7)
   loss_fn = pgd_at.make_ts_loss(nets, att)
 
@@ -160,6 +160,14 @@ def test_pgd_at_gradient_ignores_the_attack(tiny_problem):
              U=ctx["U"])
     return regression_loss(nets, p, ctx, xa)
 
+  # ts_attack is the study's PGD: uniform start, no box, best iterate kept
+  # (pgd's defaults), the student held fixed.
+  assert (att.start, att.bounds, att.keep_best) == ("uniform", None, True)
+  np.testing.assert_array_equal(
+      x_adv, jax.jit(lambda: pgd(disagreement(nets, params, ctx), x, key,
+                                 eps=att.eps, step_size=att.step_size,
+                                 steps=att.steps, norm=att.norm,
+                                 U=ctx["U"]))())
   g_through = jax.jit(jax.grad(through))(params)
   diff = max(float(jnp.abs(a - b).max()) for a, b in
              zip(jax.tree.leaves(g_through), jax.tree.leaves(ref)))
@@ -210,7 +218,7 @@ def test_offsubspace_moves_inputs_only_off_span(tiny_problem):
 
 def test_ccat_loss_targets(tiny_problem):
   nets, params, ctx, x = tiny_problem
-  att = AttackConfig(norm="l2", eps=0.8, step_size=0.4, steps=3)
+  att = ts_attack("l2", eps=0.8, step_size=0.4, steps=3)
   key = jax.random.key(5)
   rho = 10.0
   loss, (metrics, _) = ccat.make_ts_loss(nets, att, rho=rho)(
@@ -233,7 +241,7 @@ def test_ccat_loss_targets(tiny_problem):
 def test_ccat_loss_finite_at_zero_radius(tiny_problem):
   """With eps = 0 CCAT is plain regression on the clean batch (lambda = 0)."""
   nets, params, ctx, x = tiny_problem
-  att = AttackConfig(norm="l2", eps=0.0, step_size=0.0, steps=2)
+  att = ts_attack("l2", eps=0.0, step_size=0.0, steps=2)
   loss, _ = ccat.make_ts_loss(nets, att, rho=10.0)(params, {}, {"x": x},
                                                    jax.random.key(5), ctx)
   assert np.isfinite(float(loss)), float(loss)

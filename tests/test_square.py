@@ -168,6 +168,73 @@ def test_p_selection_matches_reference_definition():
   assert sq.p_selection(11, 123, rescale=False) == 0.4
 
 
+# p at iteration ``it`` of a 5000-query run with p_init = 0.8, written out
+# from the reference ``p_selection`` (fra31/auto-attack square.py): p_init
+# halved for each of 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 that the
+# iteration exceeds, the iteration first mapped to int(it / 5000 * 10000) =
+# 2 it with resc_schedule=True (the SquareAttack default), as is with False
+# (how the AutoAttack ensemble builds it: autoattack.py,
+# ``SquareAttack(..., n_queries=5000, ..., resc_schedule=False)``).
+#         it: (rescaled, not rescaled)
+P_5000 = {0: (0.8, 0.8),
+          5: (0.8, 0.8),                  # 10 | 5
+          6: (0.4, 0.8),                  # 12 | 6
+          10: (0.4, 0.8),                 # 20 | 10: not > 10
+          11: (0.4, 0.4),                 # 22 | 11
+          26: (0.2, 0.4),                 # 52 | 26
+          51: (0.2, 0.2),                 # 102 | 51
+          101: (0.1, 0.2),                # 202 | 101
+          201: (0.1, 0.1),                # 402 | 201
+          251: (0.05, 0.1),               # 502 | 251
+          501: (0.025, 0.05),             # 1002 | 501
+          1001: (0.0125, 0.025),          # 2002 | 1001
+          2001: (0.00625, 0.0125),        # 4002 | 2001
+          3001: (0.003125, 0.0125),       # 6002 | 3001
+          4000: (0.003125, 0.0125),       # 8000: not > 8000 | 4000: not > 4000
+          4001: (0.0015625, 0.00625),     # 8002 | 4001
+          4999: (0.0015625, 0.00625)}     # 9998 | 4999
+
+
+def test_p_schedule_pinned_with_and_without_rescaling():
+  for it, (resc, plain) in P_5000.items():
+    assert sq.p_selection(it, 5000, 0.8) == pytest.approx(resc, rel=1e-12), it
+    assert sq.p_selection(it, 5000, 0.8, rescale=True) == pytest.approx(
+        resc, rel=1e-12), it
+    assert sq.p_selection(it, 5000, 0.8, rescale=False) == pytest.approx(
+        plain, rel=1e-12), it
+  # Square sides on 28 x 28 x 1 (round(sqrt(p * 784))): the not rescaled
+  # 5000-query run ends at p = 0.8 / 128 (side 2), the rescaled one at
+  # 0.8 / 512 (side 1).
+  resc = sq.square_sizes(5000, 0.8, (28, 28, 1), "linf")
+  plain = sq.square_sizes(5000, 0.8, (28, 28, 1), "linf", rescale=False)
+  assert resc[0] == plain[0] == 25
+  assert resc[6] == 18 and plain[6] == 25      # p 0.4 | 0.8
+  assert resc[-1] == 1 and plain[-1] == 2
+  assert (plain >= resc).all() and (plain > resc).mean() > 0.5
+
+
+def test_resc_schedule_reaches_the_run(monkeypatch):
+  """``square(..., resc_schedule=...)`` decides the schedule its run uses
+  (traced only); the default rescales, as the reference ``SquareAttack``."""
+  calls = []
+  real = sq.square_sizes
+
+  def spy(n_queries, p_init, shape, norm, rescale=True):
+    calls.append(bool(rescale))
+    return real(n_queries, p_init, shape, norm, rescale)
+  monkeypatch.setattr(sq, "square_sizes", spy)
+  f = lambda z: z.reshape(len(z), -1)[:, :3]
+  x = jnp.full((2, 4, 4, 1), 0.5)
+  y = jnp.zeros(2, jnp.int32)
+  for norm in ("linf", "l2"):
+    for kw, want in (({}, True), ({"resc_schedule": True}, True),
+                     ({"resc_schedule": False}, False)):
+      calls.clear()
+      jax.eval_shape(lambda k: square(f, x, y, k, norm=norm, eps=0.1,
+                                      queries=3, **kw), jax.random.key(0))
+      assert calls == [want], (norm, kw)
+
+
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("n", [100, 1000, 5000])
 def test_square_sizes_match_reference_formula(norm, n):

@@ -10,13 +10,18 @@ accuracy after each attack and the final robust accuracy.
 Versions, as the reference defines them:
 
 * ``"standard"``: APGD-CE (1 restart) -> APGD-T (9 targets) -> FAB-T
-  (9 targets) -> Square (5000 queries); 100 iterations each.
+  (9 targets) -> Square (5000 queries); 100 iterations each. Square runs as
+  the reference ensemble builds it (``SquareAttack(..., n_queries=5000,
+  resc_schedule=False)``): its p schedule halves after iterations 10, 50,
+  ..., 4000 as written, not stretched to the query budget.
 * ``"plus"``: APGD-CE (5 restarts) -> APGD-DLR (5) -> FAB (5) -> Square
   (5000) -> APGD-T (9 targets) -> FAB-T (9 targets).
 * ``"rand"``: APGD-CE and APGD-DLR with expectation over transformation
-  (20 draws) for randomised models: ``logits_fn(x, key)`` then; here EOT
-  averages the *log-probabilities* of 20 fixed draws per call (the reference
-  averages gradients of 20 fresh draws), see ``eot_logits_fn``.
+  (20 draws) for randomised models: ``logits_fn(x, key)`` then (with
+  ``params``: ``logits_fn(params, x, key)``; ``ModelLogits`` accepts and
+  ignores the key, its forward pass being deterministic); here EOT averages
+  the *log-probabilities* of 20 fixed draws per call (the reference averages
+  gradients of 20 fresh draws), see ``eot_logits_fn``.
 * a custom list of attack names from ``ATTACKS``.
 
 Compiled attacks are reused across calls when the model is passed as a
@@ -50,6 +55,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsjax import losses
+from tsjax.attacks.apgd import apgd, apgd_targeted
+from tsjax.attacks.fab import fab
+from tsjax.attacks.square import square
 
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 VERSIONS = {
@@ -65,15 +73,19 @@ class AutoAttackWarning(UserWarning):
 
 
 def _settings(version: str, n_classes: int) -> dict:
+  """The reference's per-version settings (``AutoAttack.__init__`` and
+  ``set_version``). Square: 5000 queries, p schedule not rescaled
+  (``resc_schedule=False``) in every version."""
   n_targets = min(9, n_classes - 1)
+  sq = dict(square_queries=5000, square_resc_schedule=False)
   if version == "plus":
     return dict(apgd_restarts=5, fab_restarts=5, apgdt_restarts=1,
-                n_targets=n_targets, square_queries=5000, eot_iter=1)
+                n_targets=n_targets, eot_iter=1, **sq)
   if version == "rand":
     return dict(apgd_restarts=1, fab_restarts=1, apgdt_restarts=1,
-                n_targets=n_targets, square_queries=5000, eot_iter=20)
+                n_targets=n_targets, eot_iter=20, **sq)
   return dict(apgd_restarts=1, fab_restarts=1, apgdt_restarts=1,
-              n_targets=n_targets, square_queries=5000, eot_iter=1)
+              n_targets=n_targets, eot_iter=1, **sq)
 
 
 def eot_logits_fn(logits_fn_with_key: Callable, key, draws: int) -> Callable:
@@ -88,7 +100,8 @@ def eot_logits_fn(logits_fn_with_key: Callable, key, draws: int) -> Callable:
 
 
 def _attack_fn(name: str, norm: str, eps: float, s: dict, steps: int):
-  from tsjax.attacks.apgd import apgd, apgd_targeted
+  """``(logits_fn, x, y, key) -> (x_adv, info)`` of attack ``name`` with
+  the settings ``s`` of ``_settings``."""
   if name == "apgd-ce":
     return lambda f, x, y, k: apgd(f, x, y, k, norm=norm, eps=eps,
                                      steps=steps, restarts=s["apgd_restarts"],
@@ -102,15 +115,14 @@ def _attack_fn(name: str, norm: str, eps: float, s: dict, steps: int):
         f, x, y, k, norm=norm, eps=eps, steps=steps,
         n_target_classes=s["n_targets"], restarts=s["apgdt_restarts"])
   if name in ("fab", "fab-t"):
-    from tsjax.attacks.fab import fab
     return lambda f, x, y, k: fab(f, x, y, k, norm=norm, eps=eps, steps=steps,
                                   restarts=s["fab_restarts"],
                                   targeted=name == "fab-t",
                                   n_target_classes=s["n_targets"])
   if name == "square":
-    from tsjax.attacks.square import square
-    return lambda f, x, y, k: square(f, x, y, k, norm=norm, eps=eps,
-                                     queries=s["square_queries"])
+    return lambda f, x, y, k: square(
+        f, x, y, k, norm=norm, eps=eps, queries=s["square_queries"],
+        resc_schedule=s["square_resc_schedule"])
   raise ValueError(f"unknown attack {name!r}; expected one of {ATTACKS}")
 
 

@@ -12,8 +12,12 @@ Semantics follow the AutoAttack implementation (fra31/auto-attack
 ``square.py``, ported in torchattacks ``Square``), with inputs in NHWC:
 
 * ``p_selection``: the fraction of pixels changed per query, ``p_init`` halved
-  at iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 of a schedule
-  rescaled to 10 000 queries (``it -> int(it / n_queries * 10000)``).
+  after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000. With
+  ``resc_schedule=True`` (the default of the reference ``SquareAttack``) the
+  iteration is first rescaled to a 10 000-query run
+  (``it -> int(it / n_queries * 10000)``); the AutoAttack ensemble builds its
+  Square with ``resc_schedule=False`` (fra31/auto-attack ``autoattack.py``),
+  so with its 5000 queries p only halves 7 times (last: after 4000).
 * Square side at iteration i: ``s = round(sqrt(p * n_features / c))``
   (= round(sqrt(p * H * W))), at least 1 (linf) or at least 3 and odd (l2).
 * linf: start at ``x + eps * v`` with vertical stripes ``v in {-1, 1}`` per
@@ -59,7 +63,8 @@ from tsjax.attacks import norms as N
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
-# Iterations (of the schedule rescaled to 10 000 queries) after which p halves.
+# Iterations after which p halves (of the schedule rescaled to 10 000
+# queries when rescaling, reference ``p_selection``).
 _P_BREAKS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
@@ -296,7 +301,7 @@ def _l2_init(key, x, eps_b, bounds):
 # --------------------------------------------------------------------------
 
 def _single_run(logits_fn, x, y, key, active, *, norm, eps, queries, p_init,
-                bounds, record=False):
+                bounds, resc_schedule=True, record=False):
   """One Square run from a fresh start on the examples where ``active``.
 
   Returns ``(x_best, margin, n_queries[, history])``: the current point and
@@ -306,7 +311,8 @@ def _single_run(logits_fn, x, y, key, active, *, norm, eps, queries, p_init,
   """
   b, h, w, c = x.shape
   eps_b = N.batch_eps(eps, x)
-  sizes_np = square_sizes(queries, p_init, (h, w, c), norm)
+  sizes_np = square_sizes(queries, p_init, (h, w, c), norm,
+                          rescale=resc_schedule)
   distinct = sorted(set(sizes_np.tolist())) or [1]
   sizes = jnp.asarray(sizes_np if len(sizes_np) else np.ones(1, np.int32))
   k_of = {s: i for i, s in enumerate(distinct)}
@@ -388,7 +394,7 @@ def _single_run(logits_fn, x, y, key, active, *, norm, eps, queries, p_init,
 
 def square(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *,
            norm: str = "linf", eps, queries: int = 5000, p_init: float = 0.8,
-           restarts: int = 1, bounds=(0.0, 1.0)):
+           restarts: int = 1, bounds=(0.0, 1.0), resc_schedule: bool = True):
   """Untargeted Square attack with the margin loss.
 
   Args:
@@ -405,6 +411,11 @@ def square(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *,
     restarts: runs from fresh random starts, each on the examples still
       robust.
     bounds: ``(low, high)`` box, or ``None``.
+    resc_schedule: stretch the schedule of p (the fraction of pixels changed
+      per query, see :func:`p_selection`) to ``queries`` as if it were
+      10 000 (the reference ``SquareAttack`` default); ``False``: halve p
+      after the fixed iterations 10, 50, ..., 8000, as AutoAttack's ensemble
+      runs Square.
   Returns:
     ``(x_adv, info)``. ``x_adv``: the misclassified point found for broken
     examples, the clean input otherwise (as the reference). ``info``:
@@ -438,7 +449,7 @@ def square(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *,
     x_adv, robust, nq, best_m = carry
     xb, m, q = _single_run(logits_fn, x, y, jax.random.fold_in(key, r), robust,
                            norm=norm, eps=eps, queries=queries, p_init=p_init,
-                           bounds=bounds)
+                           bounds=bounds, resc_schedule=bool(resc_schedule))
     broken = robust & (jnp.argmax(logits_fn(xb), axis=1) != y)
     x_adv = jnp.where(broken[:, None, None, None], xb, x_adv)
     best_m = jnp.where(robust, jnp.minimum(best_m, m), best_m)

@@ -4,6 +4,13 @@
 written to a temporary directory and renamed when complete (atomic), the last
 ``max_to_keep`` are kept, and ``restore_latest`` returns ``None`` when there is
 nothing to resume from.
+
+Several processes (``jax.distributed``): every process must call ``save`` and
+``restore`` together, on the same global arrays (Orbax writes each shard once,
+from the process that holds it, and process 0 finalises the directory).
+Restored arrays take the sharding of the template's arrays, so a restored
+state lives where the fresh one did; without a template, the saved sharding
+where this run has its devices, else replicated over all devices.
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 def _is_key(x) -> bool:
@@ -50,9 +59,13 @@ class CheckpointStore:
 
   def restore(self, step: int, like: Any) -> Any:
     """Restores ``step`` into the structure, shapes and dtypes of ``like``
-    (a pytree of concrete arrays, e.g. the freshly initialised state)."""
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                            _to_storable(like))
+    (a pytree of concrete arrays, e.g. the freshly initialised state); each
+    ``jax.Array`` of ``like`` also gives its sharding."""
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype,
+            sharding=x.sharding if isinstance(x, jax.Array) else None),
+        _to_storable(like))
     tree = self._mngr.restore(int(step), args=ocp.args.StandardRestore(abstract))
     return _from_storable(tree, like)
 
@@ -62,7 +75,13 @@ class CheckpointStore:
     step = self.latest_step() if step is None else int(step)
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    return self._mngr.restore(step, args=ocp.args.StandardRestore())
+    # Arrays come back with their saved sharding where this run has those
+    # devices, else (another topology: e.g. saved by 2 processes, read by 1)
+    # replicated over all devices.
+    everywhere = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)),
+                               PartitionSpec())
+    return self._mngr.restore(step, args=ocp.args.StandardRestore(
+        fallback_sharding=everywhere))
 
   def restore_latest(self, like: Any) -> tuple[int, Any] | None:
     step = self.latest_step()

@@ -11,15 +11,21 @@ from typing import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from tsjax import config_checks as cc
 from tsjax import losses
-from tsjax.attacks import pgd
-from tsjax.methods.common import ImageAttack, logits_fn
+from tsjax.attacks import AttackSpec
+from tsjax.methods.common import logits_fn
+from tsjax.train.distributed import to_host
 from tsjax.train.state import make_train_step
 
-SCHEDULES = ("piecewise", "cosine", "exponential", "constant")
+SCHEDULES = ("piecewise", "cosine", "exponential", "step_exponential",
+             "constant")
+OPTIMIZERS = ("sgd", "adam")
+WEIGHT_DECAY_STYLES = ("l2", "decoupled")
+WEIGHT_DECAY_ON = ("all", "kernels")
 
 
 def init_model(model, key, input_shape, dtype=jnp.float32):
@@ -39,16 +45,20 @@ def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   """``config.schedule`` in SCHEDULES; epochs -> steps.
 
   piecewise: ``lr * lr_factor ** (number of boundaries passed)`` with
-  ``config.boundaries`` in epochs (PyTorch MultiStepLR); exponential:
-  ``lr * lr_factor ** (step / steps_per_epoch)`` (CCAT); cosine: linear warm-up
-  over ``config.warmup_epochs`` then cosine decay to 0 at ``config.epochs``.
+  ``config.boundaries`` in 0-based epochs (the first epoch at the new rate;
+  PyTorch MultiStepLR); exponential: ``lr * lr_factor ** (step /
+  steps_per_epoch)``; step_exponential: ``lr * lr_factor ** floor(epoch)``
+  (CCAT's ``LambdaLR(gamma ** floor(step / batches_per_epoch))``); cosine:
+  linear warm-up over ``config.warmup_epochs`` then cosine decay to 0 at
+  ``config.epochs``.
   """
   lr = config.lr
   name = cc.check_choice(config, "schedule", SCHEDULES)
   if name == "constant":
     return optax.constant_schedule(lr)
-  if name == "exponential":   # per-epoch factor, applied smoothly per step
-    return optax.exponential_decay(lr, steps_per_epoch, config.lr_factor)
+  if name in ("exponential", "step_exponential"):
+    return optax.exponential_decay(lr, steps_per_epoch, config.lr_factor,
+                                   staircase=name == "step_exponential")
   if name == "piecewise":
     bounds = {int(round(b * steps_per_epoch)): config.lr_factor
               for b in config.boundaries}
@@ -59,27 +69,71 @@ def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
                                             max(total, warm + 1), 0.0)
 
 
-OPTIMIZERS = ("sgd", "adam")
+def kernel_mask(params):
+  """True for the leaves named ``kernel`` (Dense / Conv weights): big_vision's
+  default ``wd_mults = [('.*/kernel$', 1.0)]``."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def decoupled_weight_decay(rate: optax.Schedule) -> optax.GradientTransformation:
+  """``u <- u - rate(t) * theta`` after the learning-rate scaling
+  (big_vision's ``add_decayed_weights(wd * schedule_multiplier)``,
+  big_vision/optax.py:133-145)."""
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params):
+    r = rate(state.count)
+    updates = jax.tree.map(lambda u, p: u - r * p, updates, params)
+    return updates, optax.ScaleByScheduleState(
+        count=optax.safe_int32_increment(state.count))
+  return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(config, steps_per_epoch: int):
-  """``config.optimizer`` (default ``"sgd"``): SGD with momentum and
-  (PyTorch-style, coupled) weight decay; or ``"adam"``: Adam with decoupled
-  weight decay scaled by the schedule (big_vision / FunMatch style). Either
-  with optional global-norm gradient clipping ``config.grad_clip`` (> 0)."""
+  """``(optimizer, schedule)`` from the ``train`` config section.
+
+  ``optimizer``: ``"sgd"`` (momentum, optional Nesterov) or ``"adam"``.
+  Weight decay ``weight_decay`` in ``weight_decay_style``: ``"l2"`` adds
+  ``wd * theta`` to the gradient before the optimizer (PyTorch's SGD / Adam
+  ``weight_decay``); ``"decoupled"`` subtracts ``wd * (schedule(t) / lr) *
+  theta`` after the learning-rate scaling (big_vision / FunMatch). It applies
+  to ``weight_decay_on``: ``"all"`` parameters or ``"kernels"`` only (no
+  biases, no batch-norm scales). Optional global-norm gradient clipping
+  ``grad_clip`` (> 0) comes first.
+  """
   sched = make_schedule(config, steps_per_epoch)
   name = config.get("optimizer", "sgd")
   if name not in OPTIMIZERS:
     raise cc.ConfigError(f"config field 'train.optimizer' must be one of "
                          f"{OPTIMIZERS}, got {name!r}")
+  style = config.get("weight_decay_style", "l2")
+  on = config.get("weight_decay_on", "all")
+  for field, value, choices in (("weight_decay_style", style,
+                                 WEIGHT_DECAY_STYLES),
+                                ("weight_decay_on", on, WEIGHT_DECAY_ON)):
+    if value not in choices:
+      raise cc.ConfigError(f"config field 'train.{field}' must be one of "
+                           f"{choices}, got {value!r}")
+  wd = float(config.weight_decay)
+  mask = kernel_mask if on == "kernels" else None
   clip = float(config.get("grad_clip", 0.0) or 0.0)
-  pre = [optax.clip_by_global_norm(clip)] if clip > 0 else []
+  parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
+  if wd and style == "l2":
+    parts.append(optax.add_decayed_weights(wd, mask))
   if name == "adam":
-    return optax.chain(*pre, optax.adamw(sched, weight_decay=config.weight_decay)), sched
-  return optax.chain(
-      *pre, optax.add_decayed_weights(config.weight_decay),
-      optax.sgd(sched, momentum=config.momentum or None,
-                nesterov=bool(config.get("nesterov", False)))), sched
+    parts.append(optax.adam(sched))
+  else:
+    parts.append(optax.sgd(sched, momentum=config.momentum or None,
+                           nesterov=bool(config.get("nesterov", False))))
+  if wd and style == "decoupled":
+    lr = float(config.lr)
+    rate = lambda t: wd * sched(t) / lr
+    dec = decoupled_weight_decay(rate)
+    parts.append(optax.masked(dec, mask) if mask else dec)
+  return optax.chain(*parts), sched
 
 
 def jit_train_step(loss_fn, optimizer):
@@ -132,12 +186,12 @@ def bn_reestimate(model, params, model_state, batches: Iterable,
 
 
 # ------------------------------------------------------------------ evaluation
-def make_eval_step(model, attacks: Mapping[str, tuple[str, ImageAttack]]):
+def make_eval_step(model, attacks: Mapping[str, tuple[str, AttackSpec]]):
   """Jitted ``eval(params, model_state, images, labels, key) -> dict`` of
   per-example arrays (images uint8 or float in [0, 1]): ``clean/correct``, ``clean/conf`` and, per attack name,
   ``NAME/correct`` and ``NAME/conf`` (eval-mode batch norm throughout).
 
-  ``attacks``: name -> (objective, ImageAttack) with objective one of
+  ``attacks``: name -> (objective, AttackSpec) with objective one of
   ``"ce"`` (PGD / FGSM on cross-entropy), ``"cw"`` (margin, CW-inf) or
   ``"conf"`` (largest wrong-class probability, CCAT's evaluation).
   """
@@ -168,32 +222,63 @@ def make_eval_step(model, attacks: Mapping[str, tuple[str, ImageAttack]]):
     record("clean", f(images))
     for i, (name, (obj, att)) in enumerate(sorted(attacks.items())):
       loss = objectives[obj]
-      x_adv = pgd(lambda xa: loss(f(xa), labels), images,
-                  jax.random.fold_in(key, i), eps=att.eps,
-                  step_size=att.step_size, steps=att.steps, norm=att.norm,
-                  restarts=att.restarts, random_start=att.random_start,
-                  bounds=att.bounds, keep_best=att.restarts > 1)
+      x_adv = att.run(lambda xa: loss(f(xa), labels), images,
+                      jax.random.fold_in(key, i))
       record(name, f(x_adv))
     return out
 
   return step
 
 
-def evaluate(eval_step, params, model_state, batches, key) -> dict:
+@jax.jit
+def _masked_counts(out, mask):
+  """Per-batch counts of real examples: ``num`` and, per ``NAME/correct``,
+  the number correct. Integer sums over the global batch, reduced on device
+  (replicated result), so they are exact and each example counts once."""
+  mask = mask.astype(bool)
+  counts = {k: jnp.sum(v & mask, dtype=jnp.int32)
+            for k, v in out.items() if k.endswith("/correct")}
+  counts["num"] = jnp.sum(mask, dtype=jnp.int32)
+  return counts
+
+
+@jax.jit
+def _add_counts(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def evaluate(eval_step, params, model_state, batches, key, *,
+             per_example: bool = True) -> dict:
   """Runs ``eval_step`` over ``{"image", "label", "mask"}`` batches (see
-  ``tsjax.data.images.eval_batches``); returns the per-example arrays of the
-  real (mask True) examples, each counted exactly once, and accuracies
-  ``NAME/acc``."""
-  import numpy as np
-  acc: dict[str, list] = {}
+  ``tsjax.data.images.eval_batches``); returns accuracies ``NAME/acc`` and
+  ``num_examples`` over the real (mask True) examples, each counted exactly
+  once, and (``per_example``) the per-example arrays of those examples.
+
+  The counts are summed on device over each global (padded, masked) batch,
+  so batches sharded over several processes give the numbers of the whole
+  set on every process; the per-example arrays are all-gathered on device
+  (``tsjax.train.distributed.to_host``), never read from other processes'
+  memory. Every process must call this together with the same batches.
+  """
+  counts, kept = None, []
   for i, batch in enumerate(batches):
     out = eval_step(params, model_state, batch["image"], batch["label"],
                     jax.random.fold_in(key, i))
-    keep = np.asarray(batch["mask"], bool)
-    for k, v in out.items():
-      acc.setdefault(k, []).append(np.asarray(v)[keep])
-  res = {k: np.concatenate(v) for k, v in acc.items()}
-  summary = {k.replace("/correct", "/acc"): float(np.mean(v))
-             for k, v in res.items() if k.endswith("/correct")}
-  summary["num_examples"] = int(len(res["clean/correct"])) if res else 0
+    c = _masked_counts(out, batch["mask"])
+    counts = c if counts is None else _add_counts(counts, c)
+    if per_example:
+      kept.append((out, batch["mask"]))
+  if counts is None:
+    return {"per_example": {}, "num_examples": 0} if per_example else {
+        "num_examples": 0}
+  counts = to_host(counts)
+  n = int(counts.pop("num"))
+  summary = {k.replace("/correct", "/acc"): int(v) / n if n else float("nan")
+             for k, v in counts.items()}
+  summary["num_examples"] = n
+  if not per_example:
+    return summary
+  host = to_host(kept)
+  res = {k: np.concatenate([o[k][np.asarray(m, bool)] for o, m in host])
+         for k in host[0][0]}
   return {"per_example": res, **summary}

@@ -3,11 +3,18 @@
 ``fit`` runs epochs of a jitted step, evaluates on a validation split after
 each epoch, keeps the best parameters by a validation metric next to the last
 ones, maintains optional EMA and SWA averages, logs to JSON lines and
-TensorBoard, shows a progress bar with throughput and ETA, checkpoints every
-epoch with Orbax (atomic; a killed run resumes from the last finished epoch
-and, with the deterministic per-epoch batch order it expects, ends with the
-same parameters), and stops with a clear error on a non-finite loss, leaving
-the last good checkpoint intact.
+TensorBoard, prints one line per epoch (epoch, train loss, validation clean /
+robust accuracy, best so far, seconds per epoch, ETA of the whole run; also
+appended to ``log.txt``) and, on a terminal, a progress bar with throughput,
+checkpoints every epoch with Orbax (atomic; a killed run resumes from the last
+finished epoch and, with the deterministic per-epoch batch order it expects,
+ends with the same parameters), and stops with a clear error on a non-finite
+loss, leaving the last good checkpoint intact.
+
+Several processes (``jax.distributed``): every process runs ``fit`` with the
+same arguments (global batches, a state replicated by ``state_sharding``);
+all of them take part in the checkpoints, only process 0 writes the logs,
+TensorBoard events and prints.
 """
 
 from __future__ import annotations
@@ -19,10 +26,13 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from tsjax.train.checkpoint import CheckpointStore
 from tsjax.train.classifier import bn_reestimate, ema_update, swa_update
-from tsjax.train.metric_writers import JsonlWriter, MultiWriter, TensorBoardWriter
+from tsjax.train.distributed import is_main_process, to_global, to_host
+from tsjax.train.metric_writers import (JsonlWriter, MultiWriter,
+                                        TensorBoardWriter, TextLog)
 
 
 def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int], Iterable],
@@ -37,8 +47,8 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
   """Trains ``state`` for ``epochs`` epochs; returns a summary dict.
 
   Args:
-    workdir: directory for ``checkpoints/``, ``best/``, ``metrics.jsonl`` and
-      TensorBoard events (``tb/``).
+    workdir: directory for ``checkpoints/``, ``best/``, ``metrics.jsonl``,
+      ``log.txt`` and TensorBoard events (``tb/``).
     state: the initial ``TrainState``.
     step_fn: jitted ``(state, batch, ctx) -> (state, metrics)``.
     train_batches: ``epoch -> iterable`` of device batches; must be a pure
@@ -53,10 +63,12 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
     swa_start_epoch: from this epoch on, average the parameters at the end of
       every epoch (equal weights) and re-estimate batch-norm statistics over
       ``bn_batches()`` for the averaged parameters (needs ``model``).
+    progress: print the per-epoch lines (and a progress bar on a terminal).
     stop_after_epochs: stop (as a kill would) after this many new epochs.
     state_sharding: where the state lives (e.g. replicated over the data
       mesh); fresh and restored states are placed there so the jitted step
-      sees one input layout and compiles once.
+      sees one input layout and compiles once. Needed with several
+      processes (checkpoints hold global arrays).
     view: ``(params, model_state) -> (params, model_state)`` of the model that
       is evaluated, averaged (EMA / SWA) and saved as ``best`` when the
       trained state holds more than that model (PeerAiD trains a student and
@@ -65,7 +77,9 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
     ``{"state", "last": val metrics, "best": {"epoch", "metrics", "params",
     "model_state"}, "ema": ..., "swa": ..., "history": [...]}``.
   """
-  os.makedirs(workdir, exist_ok=True)
+  main = is_main_process()
+  if main:
+    os.makedirs(workdir, exist_ok=True)
   store = CheckpointStore(os.path.join(workdir, "checkpoints"))
   best_store = CheckpointStore(os.path.join(workdir, "best"), max_to_keep=1)
   copy = lambda t: jax.tree.map(jnp.copy, t)   # the step donates the state
@@ -81,27 +95,32 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
       "best_metric": jnp.asarray(-jnp.inf, jnp.float32),
       "best_epoch": jnp.asarray(-1, jnp.int32),
   }
+  place = ((lambda tree: to_global(tree, state_sharding))
+           if state_sharding is not None else (lambda tree: tree))
+  carry = place(carry)   # restored arrays take the template's sharding
   start_epoch = 0
   restored = store.restore_latest(carry)
+  writer = MultiWriter([JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+                        TensorBoardWriter(os.path.join(workdir, "tb")),
+                        TextLog(os.path.join(workdir, "log.txt"),
+                                echo=progress)] if main else [])
   if restored is not None:
     start_epoch, carry = restored
-    if progress:
-      print(f"resumed after epoch {start_epoch} from {store.directory}")
-  writer = MultiWriter([JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
-                        TensorBoardWriter(os.path.join(workdir, "tb"))])
-  if state_sharding is not None:
-    carry = jax.device_put(carry, state_sharding)
+    carry = place(carry)
+    writer.write_text(f"resumed after epoch {start_epoch} from "
+                      f"{store.directory}")
   history = []
   new_epochs = 0
   state = carry["state"]
   last_val = None
+  t_start = time.time()
   try:
     for epoch in range(start_epoch, epochs):
-      state, ema = _train_epoch(state, step_fn, train_batches(epoch), ctx,
-                                epoch, epochs, steps_per_epoch, writer,
-                                log_every, progress, workdir,
-                                carry["ema"] if ema_decay else None, ema_decay,
-                                view)
+      t_epoch = time.time()
+      state, ema, train_loss = _train_epoch(
+          state, step_fn, train_batches(epoch), ctx, epoch, epochs,
+          steps_per_epoch, writer, log_every, progress and main, workdir,
+          carry["ema"] if ema_decay else None, ema_decay, view)
       carry["state"] = state
       if ema_decay:
         carry["ema"] = ema
@@ -137,8 +156,15 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
                                         "model_state": v_state})
       writer.write_scalars(int(state.step), record)
       history.append(record)
+      carry = place(carry)
       store.save(epoch + 1, carry)
       new_epochs += 1
+      now = time.time()
+      per_epoch = (now - t_start) / new_epochs
+      writer.write_text(epoch_line(
+          epoch + 1, epochs, train_loss, last_val, select_metric,
+          float(carry["best_metric"]), int(carry["best_epoch"]),
+          now - t_epoch, per_epoch * (epochs - epoch - 1)))
       if stop_after_epochs is not None and new_epochs >= stop_after_epochs \
           and epoch + 1 < epochs:
         return {"stopped": True, "state": state}
@@ -158,14 +184,39 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
           "history": history}
 
 
+def format_seconds(seconds: float) -> str:
+  """``"1:02:03"`` (hours:minutes:seconds)."""
+  s = int(round(max(seconds, 0.0)))
+  return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def epoch_line(epoch: int, epochs: int, train_loss: float, val: dict | None,
+               select_metric: str | None, best: float, best_epoch: int,
+               seconds: float, eta: float) -> str:
+  """The per-epoch log line, e.g. ``epoch 3/10 | train loss 1.2345 | val
+  clean 0.8125 pgd 0.4219 | best pgd/acc 0.4219 (epoch 3) | 41.2 s/epoch |
+  ETA 0:04:48``."""
+  parts = [f"epoch {epoch}/{epochs}", f"train loss {train_loss:.4f}"]
+  if val:
+    accs = [f"{k.split('/')[0]} {v:.4f}" for k, v in val.items()
+            if k.endswith("/acc") and np.isscalar(v)]
+    if accs:
+      parts.append("val " + " ".join(accs))
+  if select_metric is not None and best_epoch > 0:
+    parts.append(f"best {select_metric} {best:.4f} (epoch {best_epoch})")
+  parts += [f"{seconds:.1f} s/epoch", f"ETA {format_seconds(eta)}"]
+  return " | ".join(parts)
+
+
 def _train_epoch(state, step_fn, batches, ctx, epoch, epochs, steps_per_epoch,
                  writer, log_every, progress, workdir, ema=None, ema_decay=None,
                  view=None):
-  from tqdm import tqdm
-  bar = tqdm(total=steps_per_epoch, disable=not progress, unit="step",
-             desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True, leave=False)
+  # A bar only on a terminal (disable=None): cluster logs get the epoch lines.
+  bar = tqdm(total=steps_per_epoch, disable=None if progress else True,
+             unit="step", desc=f"epoch {epoch + 1}/{epochs}",
+             dynamic_ncols=True, leave=False)
   t0, seen = time.time(), 0
-  pending = []
+  pending, loss_sum = [], 0.0
   it = iter(batches)
   for i in range(steps_per_epoch):
     try:
@@ -180,13 +231,13 @@ def _train_epoch(state, step_fn, batches, ctx, epoch, epochs, steps_per_epoch,
     pending.append(metrics)
     seen += _batch_size(batch)
     if len(pending) >= log_every or i == steps_per_epoch - 1:
-      _flush(pending, state, epoch, workdir, writer)
+      loss_sum += _flush(pending, state, epoch, workdir, writer)
       pending = []
       rate = seen / max(time.time() - t0, 1e-9)
       bar.set_postfix(img_s=f"{rate:.0f}")
     bar.update(1)
   bar.close()
-  return state, ema
+  return state, ema, loss_sum / steps_per_epoch
 
 
 def _batch_size(batch):
@@ -194,8 +245,10 @@ def _batch_size(batch):
   return shapes[0][0] if shapes else 1
 
 
-def _flush(pending, state, epoch, workdir, writer):
-  host = jax.device_get(pending)
+def _flush(pending, state, epoch, workdir, writer) -> float:
+  """Writes the mean of the pending steps' metrics; returns their summed
+  loss."""
+  host = to_host(pending)
   finite = all(bool(m["finite"]) for m in host)
   if not finite:
     raise FloatingPointError(
@@ -207,3 +260,4 @@ def _flush(pending, state, epoch, workdir, writer):
   keys = [k for k in host[-1] if k != "finite"]
   writer.write_scalars(int(state.step), {
       f"train/{k}": float(np.mean([m[k] for m in host])) for k in keys})
+  return float(np.sum([m.get("loss", np.nan) for m in host]))

@@ -4,7 +4,11 @@
 ``Event`` protobuf format TensorBoard reads (``events.out.tfevents.*``). The
 few protobuf fields needed are encoded by hand, and records are framed with
 masked CRC-32C checksums, so no TensorFlow or tensorboardX is required.
-``MultiWriter`` fans scalars out to several writers.
+``TextLog`` appends human-readable lines (the per-epoch summary) to a file
+and echoes them to stdout. ``MultiWriter`` fans scalars and lines out to
+several writers. Writers are created on the main process only (see
+``tsjax.train.distributed.is_main_process``); an empty ``MultiWriter`` is the
+silent writer of the other processes.
 """
 
 from __future__ import annotations
@@ -148,6 +152,28 @@ class JsonlWriter:
     self._f.close()
 
 
+class TextLog:
+  """Appends lines to a text file (flushed at once, so a cluster's log shows
+  them as they come) and, with ``echo``, prints them to stdout."""
+
+  def __init__(self, path: str, echo: bool = True):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    self.path, self.echo = path, echo
+    self._f = open(path, "a")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    pass
+
+  def write_text(self, line: str) -> None:
+    self._f.write(line + "\n")
+    self._f.flush()
+    if self.echo:
+      print(line, flush=True)
+
+  def close(self) -> None:
+    self._f.close()
+
+
 class MultiWriter:
   def __init__(self, writers):
     self.writers = list(writers)
@@ -155,6 +181,12 @@ class MultiWriter:
   def write_scalars(self, step, scalars):
     for w in self.writers:
       w.write_scalars(step, scalars)
+
+  def write_text(self, line: str) -> None:
+    """Sends a line to the writers that keep text (``TextLog``)."""
+    for w in self.writers:
+      if hasattr(w, "write_text"):
+        w.write_text(line)
 
   def close(self):
     for w in self.writers:

@@ -1,13 +1,23 @@
 """Seeds in parallel: ``vmap`` within a device, ``shard_map`` across devices.
 
 ``seed_sweep(fn)`` turns a function of one seed's arrays into a jitted function
-of arrays with a leading seed axis S. The S seeds are split over the local
-devices (a 1-D mesh named ``"seeds"``), and each device ``vmap``-s over its
-share. When S is not a multiple of the device count the last seed is repeated
+of arrays with a leading seed axis S. The S seeds are split over all devices
+of all processes (a 1-D mesh named ``"seeds"``), and each device ``vmap``-s
+over its share. When S is not a multiple of the device count the last seed is repeated
 as padding and the padding is dropped from the result, so every seed's result
 is what ``fn`` gives for it alone, up to floating-point rounding (batched
 kernels may round differently: ~1e-15 relative in float64, ~1e-4 in float32
 after 10k steps).
+
+Several processes (``jax.distributed``): every process calls the sweep with
+the same arguments; host values and process-local arrays (e.g. the keys of
+``seed_keys``, identical everywhere) are placed on the seed mesh, each
+process filling only its own devices' seeds, and the outputs are global
+arrays sharded over the seeds (feed them to the next sweep, save them with
+``CheckpointStore``, read them with ``tsjax.train.distributed.to_host``). The
+same number of devices gives the same seeds to the same positions of the mesh,
+so a run over 2 processes x 2 devices computes what 1 process x 4 devices
+does.
 """
 
 from __future__ import annotations
@@ -17,7 +27,9 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tsjax.train.distributed import to_global
 
 AXIS = "seeds"
 
@@ -36,17 +48,21 @@ def seed_sweep(fn: Callable, devices: Sequence[jax.Device] | None = None,
 
   Args:
     fn: a pure function of pytrees of one seed's arrays (no seed axis).
-    devices: devices to split seeds over (default: all local devices).
+    devices: devices to split seeds over (default: all devices of all
+      processes, ``jax.devices()``).
     static_argnums: positions of hashable, non-array arguments shared by all
       seeds (e.g. a step count); they are passed through unchanged.
   Returns:
     ``g(*args)`` where every non-static argument has a leading axis S; the
     outputs carry the same leading axis.
   """
-  devices = list(devices) if devices is not None else jax.local_devices()
+  devices = list(devices) if devices is not None else jax.devices()
   ndev = len(devices)
   static_argnums = tuple(static_argnums)
   mesh = Mesh(np.array(devices), (AXIS,)) if ndev > 1 else None
+  # Across processes the arguments must be global arrays on the seed mesh.
+  place = (NamedSharding(mesh, P(AXIS))
+           if mesh is not None and mesh.is_multi_process else None)
   compiled = {}
 
   def build(static_vals):
@@ -76,6 +92,8 @@ def seed_sweep(fn: Callable, devices: Sequence[jax.Device] | None = None,
     if pad:
       dyn = jax.tree.map(
           lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), dyn)
+    if place is not None:
+      dyn = to_global(dyn, place)
     cache_key = tuple(sorted(static_vals.items()))
     if cache_key not in compiled:
       compiled[cache_key] = build(static_vals)

@@ -29,7 +29,8 @@ from tsjax import config_checks as cc
 from tsjax.attacks import NORMS
 from tsjax.data import robust_features, synthetic
 from tsjax.methods import ccat, offsubspace, pgd_at, standard
-from tsjax.methods.teacher_student import AttackConfig, Networks
+from tsjax.attacks import AttackSpec
+from tsjax.methods.teacher_student import Networks, ts_attack
 from tsjax.metrics import robustness, specialization as spec
 from tsjax.models.mlp import MLP, check_student_widths, student_widths
 from tsjax.train.loop import train_steps
@@ -145,8 +146,8 @@ def validate(config) -> None:
 class Scales:
   """Absolute radii derived from the data scale ``sigma * sqrt(k)``."""
   x_norm: float
-  adv: AttackConfig
-  eval: dict  # name -> AttackConfig
+  adv: AttackSpec
+  eval: dict  # name -> AttackSpec
 
 
 class TeacherStudent:
@@ -168,14 +169,12 @@ class TeacherStudent:
         student=MLP(s_widths, int(c.teacher.outputs), init_std=c.student.init_std,
                     param_dtype=self.dtype))
     x_norm = float(c.data.sigma) * float(c.data.k) ** 0.5
-    adv = AttackConfig(norm=c.adv.norm, eps=c.adv.eps_frac * x_norm,
-                       step_size=c.adv.step_frac * c.adv.eps_frac * x_norm,
-                       steps=int(c.adv.steps), restarts=1)
-    ev = {name: AttackConfig(norm=c.eval.norm, eps=c.eval.eps_frac * x_norm,
-                             step_size=c.eval.step_frac * c.eval.eps_frac * x_norm,
-                             steps=int(c.eval.steps),
-                             restarts=int(c.eval.restarts),
-                             restrict=ATTACK_RESTRICTIONS[name])
+    adv = ts_attack(c.adv.norm, c.adv.eps_frac * x_norm,
+                    c.adv.step_frac * c.adv.eps_frac * x_norm, c.adv.steps)
+    ev = {name: ts_attack(c.eval.norm, c.eval.eps_frac * x_norm,
+                          c.eval.step_frac * c.eval.eps_frac * x_norm,
+                          c.eval.steps, c.eval.restarts,
+                          ATTACK_RESTRICTIONS[name])
           for name in cc.check_sequence_choices(c, "eval.attacks",
                                                 tuple(ATTACK_RESTRICTIONS))}
     self.scales = Scales(x_norm=x_norm, adv=adv, eval=ev)
