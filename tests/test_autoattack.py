@@ -121,8 +121,9 @@ def test_rand_version_with_model_logits():
   f = flax_logits_fn(model, params)
   pred = np.asarray(f(jnp.asarray(out["x_adv"]))).argmax(-1)
   np.testing.assert_array_equal(pred == y, out["robust"])
-  plain = aa.autoattack(mf, x, y, jax.random.key(6), attacks=aa.VERSIONS["rand"],
-                        params=(params, {}), checks=False, **kw)
+  plain = aa.autoattack(mf, x, y, jax.random.key(6),
+                        attacks=aa.VERSIONS["rand"], params=(params, {}),
+                        checks=False, **kw)
   assert out["robust_acc_after"] == plain["robust_acc_after"]
 
 

@@ -204,6 +204,7 @@ def test_evaluate_two_processes_equals_one_process(train_runs, tmp_path):
   launch("evaluate", tmp_path, tmp_path, tmp / "mp", tmp_path / "mp_eval")
   c = get_config("smoke")
   c.checkpoint, c.which, c.autoattack = str(tmp / "mp"), "last", False
+  c.subset = 50
   want = evaluate.run(c, str(tmp_path / "ref_eval"), progress=False)["results"]
   for i in range(2):
     got = json.load(open(tmp_path / f"eval_{i}.json"))
@@ -419,6 +420,7 @@ def _evaluate(out_dir, run_dir, eval_dir):
   c.checkpoint = run_dir
   c.which = "last"
   c.autoattack = False
+  c.subset = 50               # 2 batches of 32: 14 padded, masked rows
   c.distributed = ml_collections.ConfigDict(
       {"coordinator_address": sys.argv[2], "num_processes": int(sys.argv[4]),
        "process_id": int(sys.argv[3])})
