@@ -88,6 +88,10 @@ class AttackSpec:
         "not 'mixed' unless optimizer is 'backtrack' (CCAT's start)")
     req("optimizer", self.optimizer != "backtrack" or self.norm == "linf",
         "'pgd' for norm 'l2' ('backtrack' is implemented for linf)")
+    req("restarts", self.bn_mode == "eval" or int(self.restarts) == 1,
+        "1 with bn_mode 'train' (the statistics follow one run)")
+    req("optimizer", self.bn_mode == "eval" or self.optimizer == "pgd",
+        "'pgd' with bn_mode 'train' ('backtrack' attacks in eval mode)")
 
   def replace(self, **changes) -> "AttackSpec":
     return dataclasses.replace(self, **changes)

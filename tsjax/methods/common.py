@@ -73,8 +73,9 @@ def attack_model(attack: AttackSpec, model, params, model_state, x, key,
   params = jax.lax.stop_gradient(params)
   if attack.bn_mode == "train" and model_state:
     def stateful(xa, st):
-      logits, st = forward(model, params, st, xa, True)
-      return objective(logits, xa), st
+      logits, new = forward(model, params, st, xa, True)
+      new = jax.tree.map(lambda n, o: n.astype(o.dtype), new, st)
+      return objective(logits, xa), new
     return attack.run(stateful, x, key, state=model_state)
   f = logits_fn(model, params, model_state, attack.bn_mode)
   return attack.run(lambda xa: objective(f(xa), xa), x, key), model_state
