@@ -37,9 +37,11 @@ def _free_port() -> int:
 
 
 def launch(task: str, logdir, *args, num_processes: int = 2,
-           timeout: float = 900) -> list[str]:
+           timeout: float = 900, slurm: bool = False) -> list[str]:
   """Runs ``task`` in ``num_processes`` processes of 2 CPU devices each;
-  returns their logs. Fails (killing the others) as soon as one fails."""
+  returns their logs. Fails (killing the others) as soon as one fails.
+  ``slurm``: the environment ``srun`` gives its tasks (what
+  ``jax.distributed.initialize()`` auto-detects), coordinator on this host."""
   port = _free_port()
   env = {**os.environ,
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
@@ -50,10 +52,16 @@ def launch(task: str, logdir, *args, num_processes: int = 2,
   paths = [os.path.join(str(logdir), f"{task}_{i}_{port}.log")
            for i in range(num_processes)]
   files = [open(p, "w") for p in paths]
+  def env_of(i):
+    if not slurm:
+      return env
+    return {**env, "SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost",
+            "SLURM_NTASKS": str(num_processes), "SLURM_PROCID": str(i),
+            "SLURM_LOCALID": str(i), "JAX_COORDINATOR_PORT": str(port)}
   procs = [subprocess.Popen(
       [sys.executable, os.path.abspath(__file__), task, f"localhost:{port}",
        str(i), str(num_processes), *map(str, args)],
-      cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+      cwd=ROOT, env=env_of(i), stdout=f, stderr=subprocess.STDOUT)
       for i, f in enumerate(files)]
   deadline = time.time() + timeout
   failed = None
@@ -83,10 +91,34 @@ def launch(task: str, logdir, *args, num_processes: int = 2,
 
 
 # -------------------------------------------------------------------- tests
+def test_distributed_settings_name_the_field():
+  from configs.adv_train import get_config
+  from tsjax import config_checks as cc
+  from tsjax.train import distributed as D
+  c = get_config("fashion_mnist,pgd_at,smoke")
+  assert D.settings(None) is None and D.settings(c.distributed) is None
+  assert not D.initialize(c.distributed)        # one process: nothing starts
+  c.distributed.auto = True
+  assert D.settings(c.distributed) == {}        # jax.distributed.initialize()
+  c.distributed.coordinator_address = "10.0.0.1:1234"
+  c.distributed.num_processes, c.distributed.process_id = 4, 3
+  assert D.settings(c.distributed) == {"coordinator_address": "10.0.0.1:1234",
+                                       "num_processes": 4, "process_id": 3}
+  for field, value, words in (
+      ("coordinator_address", "10.0.0.1", "'distributed.coordinator_address'"),
+      ("process_id", 4, "'distributed.process_id' must be an integer in [0"),
+      ("num_processes", 0, "'distributed.num_processes' must be a positive"),
+      ("auto", "yes", "'distributed.auto' must be True or False")):
+    bad = {**c.distributed.to_dict(), field: value}
+    with pytest.raises(cc.ConfigError, match=words.replace("[", r"\[")):
+      D.settings(bad)
+
+
 def test_two_processes_library_pieces(tmp_path):
-  """One pair of processes: start-up from a config section, evaluation
-  counted on device, seed sweeps, Orbax, fit's files, AutoAttack split."""
-  logs = launch("fast", tmp_path, tmp_path)
+  """One pair of processes, started as under SLURM's srun and joined by
+  auto-detection (``distributed.auto``): evaluation counted on device, seed
+  sweeps, Orbax, fit's files, AutoAttack split."""
+  logs = launch("fast", tmp_path, tmp_path, slurm=True)
   reps = [json.load(open(tmp_path / f"fast_{i}.json")) for i in range(2)]
   for i, r in enumerate(reps):
     assert (r["process_count"], r["device_count"], r["local_device_count"],
@@ -461,9 +493,8 @@ def _worker(task, address, pid, num_processes, *args):
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if task == "fast":   # the experiments start it from their config instead
     from tsjax.train import distributed
-    assert distributed.initialize({"coordinator_address": address,
-                                   "num_processes": int(num_processes),
-                                   "process_id": int(pid)})
+    assert distributed.initialize({"auto": True})   # SLURM variables
+    assert jax.process_index() == int(pid)
   TASKS[task](*args)
 
 
