@@ -33,4 +33,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.aa_version = "standard"
   elif arg:
     raise ValueError(f"unknown variant {arg!r} of configs/evaluate.py; known: smoke")
+  c.distributed = ml_collections.ConfigDict()   # multi-host (jax.distributed)
+  c.distributed.auto = False
+  c.distributed.coordinator_address = ml_collections.FieldReference(
+      None, field_type=str)
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
   return c
