@@ -174,13 +174,19 @@ def pgd(loss_fn: LossFn, x: jax.Array, key: jax.Array, *, eps, step_size,
   else:
     deltas, losses, _ = jax.vmap(lambda k: one_run(k, ()))(
         jax.random.split(key, restarts))
-    win = jnp.argmax(losses, axis=0)                       # [B]
-    delta = jnp.take_along_axis(
-        deltas, win.reshape((1, -1) + (1,) * (x.ndim - 1)), axis=0)[0]
-    loss = jnp.take_along_axis(losses, win[None], axis=0)[0]
+    delta, loss = best_of_restarts(deltas, losses)
   x_adv = x + delta
   out = (x_adv, loss) if return_loss else x_adv
   return (out, state) if stateful else out
+
+
+def best_of_restarts(deltas: jax.Array, losses: jax.Array):
+  """Per example, the restart with the highest loss: ``deltas [R, B, ...]``,
+  ``losses [R, B]`` -> ``(delta [B, ...], loss [B])``."""
+  win = jnp.argmax(losses, axis=0)                         # [B]
+  delta = jnp.take_along_axis(
+      deltas, win.reshape((1, -1) + (1,) * (deltas.ndim - 2)), axis=0)[0]
+  return delta, jnp.take_along_axis(losses, win[None], axis=0)[0]
 
 
 def fgsm(loss_fn: LossFn, x: jax.Array, *, eps, norm: str = "linf",

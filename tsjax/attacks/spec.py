@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from tsjax import config_checks as cc
 from tsjax.attacks import norms as N
-from tsjax.attacks.pgd import pgd
+from tsjax.attacks.pgd import best_of_restarts, pgd
 
 BN_MODES = ("eval", "train")
 STARTS = ("uniform", "normal", "zero", "mixed")
@@ -205,9 +205,6 @@ def backtracking_pgd(loss_fn: Callable, x: jax.Array, key: jax.Array,
   if int(spec.restarts) == 1:
     delta, loss = one_run(key)
   else:
-    ds, ls = jax.vmap(one_run)(jax.random.split(key, int(spec.restarts)))
-    win = jnp.argmax(ls, axis=0)
-    delta = jnp.take_along_axis(
-        ds, win.reshape((1, -1) + (1,) * (x.ndim - 1)), axis=0)[0]
-    loss = jnp.take_along_axis(ls, win[None], axis=0)[0]
+    delta, loss = best_of_restarts(
+        *jax.vmap(one_run)(jax.random.split(key, int(spec.restarts))))
   return x + delta, loss
