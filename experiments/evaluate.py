@@ -12,7 +12,7 @@ the work dir, so a killed evaluation resumes.
 Several processes (a ``distributed`` config section, as in
 configs/adv_train.py): the test batches are sharded over all devices of all
 processes and counted on device; AutoAttack splits the points between the
-processes (``autoattack_split``) and sums their counts; only process 0 writes
+processes (``tsjax.train.classifier.autoattack_split``) and sums their counts; only process 0 writes
 files and prints.
 """
 
@@ -48,57 +48,6 @@ def load_classifier(run_dir: str, which: str = "best"):
         f"experiments.train or experiments.distill (no config.json there)")
   model, params, ms, cfg = load_run(run_dir, which)
   return model, params, ms, cfg, images.load_from_config(cfg, "test")
-
-
-def autoattack_split(model, params, model_state, x, y, key, *, progress=False,
-                     **kwargs) -> dict:
-  """AutoAttack (``tsjax.attacks.autoattack.autoattack`` with ``kwargs``) on
-  images ``x`` (uint8 or float in [0, 1]) and labels ``y``, the points split
-  between the processes.
-
-  Each process attacks its contiguous share of the points
-  (``distributed.split_points``) on its own devices; the clean, final and
-  per-attack robust counts are summed over the processes (a device
-  all-gather), so every process returns the numbers of all the points. With
-  one process this is ``autoattack`` on every point. ``warnings`` are the
-  sanity-check messages of this process's share. Every process must call it.
-  """
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
-  from tsjax.attacks.autoattack import VERSIONS, autoattack
-  from tsjax.methods.common import ModelLogits
-  from tsjax.train import distributed
-
-  x, y = np.asarray(x), np.asarray(y, np.int32)
-  if x.dtype == np.uint8:
-    x = x.astype(np.float32) / 255.0
-  names = tuple(kwargs.get("attacks") or
-                VERSIONS[kwargs.get("version", "standard")])
-  lo, hi = distributed.split_points(len(x))
-  n_local = hi - lo
-  counts = np.zeros(2 + len(names), np.int64)   # clean, robust, after each
-  warnings = []
-  p_ms = (params, model_state)
-  if jax.process_count() > 1:   # process-local copies: each attacks alone
-    p_ms = jax.tree.map(jnp.asarray, distributed.to_host(p_ms))
-  if n_local:
-    aa = autoattack(ModelLogits(model, "eval"), x[lo:hi], y[lo:hi], key,
-                    progress=progress and distributed.is_main_process(),
-                    params=p_ms, **kwargs)
-    after = aa["robust_acc_after"]
-    counts[:] = [round(aa["clean_acc"] * n_local),
-                 int(np.sum(aa["robust"]))] + [
-                     round(after.get(a, aa["robust_acc"]) * n_local)
-                     for a in names]
-    warnings = list(aa["warnings"])
-  total = distributed.sum_hosts(counts)
-  n = max(len(x), 1)
-  return {"clean_acc": float(total[0]) / n, "robust_acc": float(total[1]) / n,
-          "robust_acc_after": {a: float(c) / n
-                               for a, c in zip(names, total[2:])},
-          "warnings": warnings, "num_examples": len(x)}
 
 
 def run(config, workdir: str, progress: bool = True) -> dict:
@@ -153,7 +102,7 @@ def run(config, workdir: str, progress: bool = True) -> dict:
   if config.autoattack:
     m = config.aa_subset or n
     t0 = time.time()
-    aa = autoattack_split(model, params, ms, x[:m], y[:m], key,
+    aa = clf.autoattack_split(model, params, ms, x[:m], y[:m], key,
                           norm=config.norm, eps=eps, version=config.aa_version,
                           batch_size=int(config.batch_size),
                           state_dir=workdir, progress=progress)

@@ -36,9 +36,8 @@ from experiments import common
 from tsjax import config_checks as cc
 from tsjax import methods, models
 from tsjax.attacks import AttackSpec
-from tsjax.attacks.autoattack import VERSIONS, autoattack
+from tsjax.attacks.autoattack import VERSIONS
 from tsjax.data import augment, images
-from tsjax.methods.common import ModelLogits
 from tsjax.methods.distill import teacher_ctx
 from tsjax.train import TrainState
 from tsjax.train import classifier as clf
@@ -248,13 +247,13 @@ def autoattack_row(model, params, model_state, test, ev, eps, key,
   """AutoAttack (``ev.autoattack_version``, L-inf ``eps``) on the first
   ``ev.autoattack_subset`` test examples."""
   n = min(int(ev.autoattack_subset), len(test))
-  # Parameters as an argument: the attacks compiled for the first parameter
-  # set evaluated (best, last, EMA, SWA) serve the others.
-  aa = autoattack(ModelLogits(model, "eval"),
-                  test.images[:n].astype(np.float32) / 255.0, test.labels[:n],
-                  key, norm="linf", eps=eps, version=ev.autoattack_version,
-                  batch_size=int(ev.batch_size), progress=progress,
-                  params=(params, model_state))
+  # The points are split between the processes; parameters as an argument:
+  # the attacks compiled for the first parameter set evaluated (best, last,
+  # EMA, SWA) serve the others.
+  aa = clf.autoattack_split(model, params, model_state, test.images[:n],
+                            test.labels[:n], key, norm="linf", eps=eps,
+                            version=ev.autoattack_version,
+                            batch_size=int(ev.batch_size), progress=progress)
   return {"aa_acc": float(aa["robust_acc"]), "aa_clean_acc": float(aa["clean_acc"]),
           "aa_num": n, "aa_after": aa["robust_acc_after"],
           "aa_warnings": aa["warnings"]}

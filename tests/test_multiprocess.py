@@ -281,7 +281,7 @@ def _fast(out_dir):
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from experiments.evaluate import autoattack_split
+  from tsjax.train.classifier import autoattack_split
   from tsjax import models
   from tsjax.attacks.autoattack import autoattack
   from tsjax.data import images

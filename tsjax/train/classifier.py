@@ -17,8 +17,10 @@ import optax
 from tsjax import config_checks as cc
 from tsjax import losses
 from tsjax.attacks import AttackSpec
-from tsjax.methods.common import logits_fn
-from tsjax.train.distributed import to_host
+from tsjax.attacks.autoattack import VERSIONS, autoattack
+from tsjax.methods.common import ModelLogits, logits_fn
+from tsjax.train.distributed import (is_main_process, split_points, sum_hosts,
+                                    to_host)
 from tsjax.train.state import make_train_step
 
 SCHEDULES = ("piecewise", "cosine", "exponential", "step_exponential",
@@ -282,3 +284,46 @@ def evaluate(eval_step, params, model_state, batches, key, *,
   res = {k: np.concatenate([o[k][np.asarray(m, bool)] for o, m in host])
          for k in host[0][0]}
   return {"per_example": res, **summary}
+
+
+def autoattack_split(model, params, model_state, x, y, key, *, progress=False,
+                     **kwargs) -> dict:
+  """AutoAttack (``tsjax.attacks.autoattack.autoattack`` with ``kwargs``) on
+  images ``x`` (uint8 or float in [0, 1]) and labels ``y``, the points split
+  between the processes.
+
+  Each process attacks its contiguous share of the points
+  (``split_points``) on its own devices; the clean, final and
+  per-attack robust counts are summed over the processes (a device
+  all-gather), so every process returns the numbers of all the points. With
+  one process this is ``autoattack`` on every point. ``warnings`` are the
+  sanity-check messages of this process's share. Every process must call it.
+  """
+  x, y = np.asarray(x), np.asarray(y, np.int32)
+  if x.dtype == np.uint8:
+    x = x.astype(np.float32) / 255.0
+  names = tuple(kwargs.get("attacks") or
+                VERSIONS[kwargs.get("version", "standard")])
+  lo, hi = split_points(len(x))
+  n_local = hi - lo
+  counts = np.zeros(2 + len(names), np.int64)   # clean, robust, after each
+  warnings = []
+  p_ms = (params, model_state)
+  if jax.process_count() > 1:   # process-local copies: each attacks alone
+    p_ms = jax.tree.map(jnp.asarray, to_host(p_ms))
+  if n_local:
+    aa = autoattack(ModelLogits(model, "eval"), x[lo:hi], y[lo:hi], key,
+                    progress=progress and is_main_process(),
+                    params=p_ms, **kwargs)
+    after = aa["robust_acc_after"]
+    counts[:] = [round(aa["clean_acc"] * n_local),
+                 int(np.sum(aa["robust"]))] + [
+                     round(after.get(a, aa["robust_acc"]) * n_local)
+                     for a in names]
+    warnings = list(aa["warnings"])
+  total = sum_hosts(counts)
+  n = max(len(x), 1)
+  return {"clean_acc": float(total[0]) / n, "robust_acc": float(total[1]) / n,
+          "robust_acc_after": {a: float(c) / n
+                               for a, c in zip(names, total[2:])},
+          "warnings": warnings, "num_examples": len(x)}
