@@ -94,7 +94,7 @@ import torch.nn.functional as F  # noqa: E402
 from _common import (loadavg, machine_info, merge_rows,  # noqa: E402
                      open_results, write_results)
 from tests.torch_nets import TorchResNet18, TorchSmallCNN  # noqa: E402
-from configs.adv_train import get_config  # noqa: E402
+from tsjax.configs.adv_train import get_config  # noqa: E402
 from experiments.train import attack_spec, method_loss, validate, with_augmentation  # noqa: E402
 from tsjax import models  # noqa: E402
 from tsjax.data import images  # noqa: E402

@@ -79,7 +79,7 @@ jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 
-from configs.teacher_student import get_config  # noqa: E402
+from tsjax.configs.teacher_student import get_config  # noqa: E402
 from tsjax.methods.teacher_student import regression_loss  # noqa: E402
 from tsjax.train import loop  # noqa: E402
 from tsjax.train.state import make_train_step  # noqa: E402

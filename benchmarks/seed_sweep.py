@@ -84,7 +84,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from _common import (loadavg, machine_info, open_results,  # noqa: E402
                      uptime, write_results)
-from configs.teacher_student import get_config  # noqa: E402
+from tsjax.configs.teacher_student import get_config  # noqa: E402
 from tsjax.train.sweep import seed_keys, seed_sweep  # noqa: E402
 from tsjax.train.teacher_student import TeacherStudent  # noqa: E402
 

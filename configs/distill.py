@@ -15,7 +15,7 @@ method of ``tsjax.methods.REGISTRY``); data sets and recipes as in
 
 import ml_collections
 
-from configs import adv_train
+from tsjax.configs import adv_train
 
 
 def get_config(arg: str = "rslad,fashion_mnist") -> ml_collections.ConfigDict:

@@ -22,7 +22,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from configs import adv_train
+from tsjax.configs import adv_train
 from experiments import common, train
 
 FLAGS = flags.FLAGS

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -36,8 +37,9 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
 def default_workdir(name: str, config_arg: str,
                     config: ml_collections.ConfigDict) -> str:
   """``runs/<name>_<variant>_<hash>``: the same config resumes, another one
-  gets its own directory."""
-  variant = config_arg.replace(",", "-") if config_arg else "default"
+  gets its own directory. Characters other than letters, digits, ``._-``
+  (the ``,`` between variants, ``:`` of ``tfds:NAME``) become ``-``."""
+  variant = re.sub(r"[^A-Za-z0-9._-]", "-", config_arg) if config_arg else "default"
   return os.path.join("runs", f"{name}_{variant}_{config_hash(config)}")
 
 

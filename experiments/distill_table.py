@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from configs import adv_train
+from tsjax.configs import adv_train
 from experiments import common, train
 from tsjax import methods as registry
 

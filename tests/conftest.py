@@ -27,7 +27,7 @@ jax.config.update("jax_enable_x64", True)
 
 import pytest  # noqa: E402
 
-from configs import teacher_student as ts_configs  # noqa: E402
+from tsjax.configs import teacher_student as ts_configs  # noqa: E402
 
 
 def shrink(config):

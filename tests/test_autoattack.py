@@ -212,8 +212,8 @@ def test_bad_arguments():
 
 
 def test_evaluate_command(tmp_path):
-  from configs.adv_train import get_config
-  from configs.evaluate import get_config as eval_config
+  from tsjax.configs.adv_train import get_config
+  from tsjax.configs.evaluate import get_config as eval_config
   from experiments import evaluate, train
   c = get_config("fashion_mnist,pgd_at,smoke")
   c.data.train_subset, c.data.num_val, c.train.epochs = 128, 32, 1

@@ -1,11 +1,15 @@
 """Bad configs fail in TeacherStudent(config) with a ValueError naming the
 field, before JAX traces or compiles anything."""
 
+import importlib.util
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import pytest
 
+from tsjax import configs
 from tsjax.train.teacher_student import TeacherStudent
 
 from compile_events import BACKEND_COMPILE, compile_events
@@ -139,3 +143,22 @@ def test_good_config_constructs_without_compiling(small_config):
   # An explicit tuple of multiples is accepted too.
   _set("student.multi", (30,))(small_config)
   assert TeacherStudent(small_config).student_widths == (30,)
+
+
+def test_configs_reachable_from_the_package():
+  """``tsjax.configs`` is the ``configs/`` folder: the same files, so
+  ``--config configs/NAME.py:VARIANT`` and ``get_config(NAME, VARIANT)`` build
+  the same config; unknown names are refused with the list."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for name in configs.NAMES:
+    assert os.path.samefile(configs.path(name),
+                            os.path.join(root, "configs", f"{name}.py"))
+  spec = importlib.util.spec_from_file_location(
+      "adv_train_file", os.path.join(root, "configs", "adv_train.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert (configs.get_config("adv_train", "cifar10,ard").to_dict()
+          == module.get_config("cifar10,ard").to_dict())
+  assert configs.get_config("distill").method.name == "rslad"
+  with pytest.raises(ValueError, match="unknown config 'nope'.*teacher_student"):
+    configs.get_config("nope")

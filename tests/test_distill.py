@@ -282,7 +282,7 @@ def test_peeraid_objective(w):
 
 def test_peeraid_weights_table():
   """Spec §2.3 (and the Fashion-MNIST config uses the CIFAR-10 row)."""
-  from configs import distill as dcfg
+  from tsjax.configs import distill as dcfg
   rows = {"cifar10": (5, 1, 1, 0.1, 0, 1, 1), "cifar100": (5, 1, 1, 1, 0, 1, 1),
           "tiny_imagenet": (1, 1, 1, 100, 0.035, 35, 20)}
   names = ("tau", "tau_p", "gamma1", "gamma2", "lambda1", "lambda2", "lambda3")
@@ -986,7 +986,7 @@ def test_fit_checkpoints_hold_no_teacher(tiny, tmp_path):
 
 
 def _distill_config(arg, teacher_dir=None):
-  from configs import distill as dcfg
+  from tsjax.configs import distill as dcfg
   c = dcfg.get_config(arg)
   c.data.train_subset, c.data.num_val, c.data.test_subset = 192, 64, 50
   c.train.batch_size, c.eval.val_subset = 32, 64
@@ -1094,7 +1094,7 @@ FMNIST = os.path.isdir("/usr/share/datasets/fashion-mnist")
 def e2e(tmp_path_factory):
   """experiments.train (PGD-AT teacher), then experiments.distill KD and
   PeerAiD on the smoke configs, shrunk (~1.5-2 min on 2 busy cores)."""
-  from configs import adv_train
+  from tsjax.configs import adv_train
   from experiments import distill, train
   root = tmp_path_factory.mktemp("distill_e2e")
   tc = adv_train.get_config("fashion_mnist,pgd_at,smoke")

@@ -8,10 +8,12 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
-from configs.teacher_student import get_config
+from tsjax.configs.teacher_student import get_config
+from experiments import common
 from experiments import teacher_student as exp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,3 +160,17 @@ def test_sigkill_then_resume(tmp_path):
   for ra, rb in zip(a, b):
     assert ra["drift_perp"] == rb["drift_perp"]
     assert ra["spec_full/layer0/best_corr"] == rb["spec_full/layer0/best_corr"]
+
+
+def test_default_workdir_names_are_plain_directory_names():
+  """``tfds:NAME`` variants and variant lists give one path component of
+  letters, digits and ``._-`` (no ``:`` that breaks on some file systems)."""
+  cfg = ml_collections.ConfigDict({"a": 1})
+  path = common.default_workdir("train", "tfds:svhn_cropped,pgd_at", cfg)
+  head, name = os.path.split(path)
+  assert head == "runs"
+  assert name.startswith("train_tfds-svhn_cropped-pgd_at_")
+  assert all(c.isalnum() or c in "._-" for c in name)
+  # Other configs never share a directory.
+  assert path != common.default_workdir(
+      "train", "tfds:svhn_cropped,pgd_at", ml_collections.ConfigDict({"a": 2}))

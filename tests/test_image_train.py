@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs.adv_train import get_config
+from tsjax.configs.adv_train import get_config
 from experiments import train as exp
 from tsjax import models
 from tsjax.data import images

@@ -20,6 +20,7 @@ import pytest
 
 from tsjax.config_checks import ConfigError
 from tsjax.data import images as I
+from tsjax.train import teachers
 
 FMNIST = I.DEFAULT_FASHION_MNIST_DIR
 
@@ -392,7 +393,8 @@ def test_cifar_without_pickled_folder_uses_tfds(tmp_path, no_network):
 
 # -------------------------------------------------------------- tfds:NAME
 
-def test_tfds_name_any_image_classification_data_set(tmp_path, no_network):
+def test_tfds_name_any_image_classification_data_set(tmp_path, no_network,
+                                                    monkeypatch):
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=9):
     train = I.load_dataset("tfds:mnist", "train", tmp_path)
@@ -401,6 +403,21 @@ def test_tfds_name_any_image_classification_data_set(tmp_path, no_network):
     svhn_train = I.load_tfds("svhn_cropped", "train", tmp_path)
     assert I.dataset_num_classes("tfds:svhn_cropped", tmp_path) == 10
     assert I.dataset_stats("tfds:svhn_cropped", tmp_path) == (
+        svhn_train.mean, svhn_train.std)
+    # A run on a tfds: data set reloads as a teacher from its own data dir.
+    run_cfg = ml_collections.ConfigDict({
+        "data": {"name": "tfds:svhn_cropped", "data_dir": str(tmp_path)},
+        "model": {"name": "small_cnn", "kwargs": {}}})
+    seen = []
+    for fn in ("dataset_stats", "dataset_num_classes"):
+      real = getattr(I, fn)
+      monkeypatch.setattr(I, fn, functools.partial(
+          lambda real, name, data_dir=None: seen.append(data_dir)
+          or real(name, data_dir), real))
+    teacher = teachers.model_from_config(run_cfg)
+    assert seen == [str(tmp_path)] * 2
+    assert teacher.num_classes == 10
+    assert (tuple(teacher.mean), tuple(teacher.std)) == (
         svhn_train.mean, svhn_train.std)
   assert train.images.shape == (9, 28, 28, 1) and train.num_classes == 10
   assert train.images.dtype == np.uint8 and train.labels.dtype == np.int32

@@ -92,7 +92,7 @@ def launch(task: str, logdir, *args, num_processes: int = 2,
 
 # -------------------------------------------------------------------- tests
 def test_distributed_settings_name_the_field():
-  from configs.adv_train import get_config
+  from tsjax.configs.adv_train import get_config
   from tsjax import config_checks as cc
   from tsjax.train import distributed as D
   c = get_config("fashion_mnist,pgd_at,smoke")
@@ -230,7 +230,7 @@ def test_train_two_processes_resume_equals_uninterrupted(train_runs, tmp_path):
 @pytest.mark.slow
 @needs_fmnist
 def test_evaluate_two_processes_equals_one_process(train_runs, tmp_path):
-  from configs.evaluate import get_config
+  from tsjax.configs.evaluate import get_config
   from experiments import evaluate
   tmp, _ = train_runs
   launch("evaluate", tmp_path, tmp_path, tmp / "mp", tmp_path / "mp_eval")
@@ -408,7 +408,7 @@ def _cross_entropy(model):
 
 
 def _train_config(address, pid, num_processes):
-  from configs.adv_train import get_config
+  from tsjax.configs.adv_train import get_config
   c = get_config("fashion_mnist,pgd_at,smoke")
   c.data.train_subset = 192
   c.data.num_val = 64
@@ -446,7 +446,7 @@ def _evaluate(out_dir, run_dir, eval_dir):
   """experiments.evaluate across the processes."""
   import jax
   import ml_collections
-  from configs.evaluate import get_config
+  from tsjax.configs.evaluate import get_config
   from experiments import evaluate
   c = get_config("smoke")
   c.checkpoint = run_dir
@@ -467,7 +467,7 @@ def _teacher_student(out_dir, workdir):
   processes: its seeds sharded over all 4 devices."""
   import jax
   from conftest import shrink
-  from configs import teacher_student as ts_configs
+  from tsjax.configs import teacher_student as ts_configs
   from experiments import teacher_student as exp
   from tsjax.train import distributed
   c = shrink(ts_configs.get_config("smoke"))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import adv_train
+from tsjax.configs import adv_train
 from experiments import train as exp
 from tsjax import config_checks as cc
 from tsjax import methods

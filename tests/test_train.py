@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import teacher_student as ts_configs
+from tsjax.configs import teacher_student as ts_configs
 from tsjax.data import synthetic
 from tsjax.train import (TrainState, make_train_step, sample_batch, seed_keys,
                          seed_sweep, train_steps)

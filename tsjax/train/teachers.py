@@ -15,7 +15,15 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+import jax.numpy as jnp
+import ml_collections
+
 from tsjax import config_checks as cc
+from tsjax import models
+from tsjax.data import images
+from tsjax.models import torch_convert
+from tsjax.train.checkpoint import CheckpointStore
 
 WHICH = ("best", "last", "swa")
 
@@ -29,7 +37,6 @@ def _student_of(params, model_state):
 
 
 def run_config(run_dir: str):
-  import ml_collections
   path = os.path.join(run_dir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(
@@ -41,12 +48,12 @@ def run_config(run_dir: str):
 
 def model_from_config(cfg, num_classes: int | None = None):
   """The Flax model of a run config (data-set normalisation inside)."""
-  from tsjax import models
-  from tsjax.data import images
-  mean, std = images.dataset_stats(cfg.data.name)
+  data_dir = cfg.data.get("data_dir")  # tfds:NAME data sets are read there
+  mean, std = images.dataset_stats(cfg.data.name, data_dir)
   if not cfg.model.get("normalize", True):
     mean, std = (0.0,), (1.0,)
-  num_classes = num_classes or images.dataset_num_classes(cfg.data.name)
+  num_classes = num_classes or images.dataset_num_classes(cfg.data.name,
+                                                          data_dir)
   return models.get_model(cfg.model.name, num_classes=num_classes, mean=mean,
                           std=std, **cfg.model.kwargs.to_dict())
 
@@ -57,7 +64,6 @@ def load_run(run_dir: str, which: str = "best"):
   ``which``: ``"best"`` (validation-selected), ``"last"`` (the latest
   epoch's checkpoint) or ``"swa"`` (the SWA average, when the run kept one).
   """
-  from tsjax.train import CheckpointStore
   if which not in WHICH:
     raise cc.ConfigError(f"'which' must be one of {WHICH}, got {which!r}")
   cfg = run_config(run_dir)
@@ -96,7 +102,6 @@ def load_teacher(tcfg, *, num_classes: int, mean, std, input_shape=None):
   ``torch_checkpoint`` (a PyTorch state_dict file, ``.pt``/``.pth``/``.npz``;
   ``model.name`` / ``model.kwargs`` name the architecture, ``sha256`` the
   expected file checksum; ``input_shape`` (H, W, C) the data's)."""
-  import jax.numpy as jnp
   from tsjax import models
 
   ckpt = tcfg.get("checkpoint")
@@ -114,7 +119,6 @@ def load_teacher(tcfg, *, num_classes: int, mean, std, input_shape=None):
     model, params, ms, cfg = load_run(ckpt, tcfg.get("which", "best"))
     t_classes = model.num_classes
   else:
-    from tsjax.models import torch_convert
     name = cc.get_field(tcfg, "model.name")
     if name not in models.REGISTRY:
       raise cc.ConfigError(f"config field 'teacher.model.name' must be one of "
@@ -129,7 +133,6 @@ def load_teacher(tcfg, *, num_classes: int, mean, std, input_shape=None):
   if t_classes != num_classes:
     raise ValueError(f"the teacher has {t_classes} classes but the data set "
                      f"has {num_classes}")
-  import jax
   params = jax.tree.map(jnp.asarray, params)
   ms = jax.tree.map(jnp.asarray, ms)
   return model, params, ms
