@@ -170,7 +170,6 @@ def report(config, workdir, seeds, metrics) -> dict:
   """Writes results.jsonl, summary.{md,json} and the plots; prints the table."""
   import numpy as np
   from experiments import common
-  from tsjax.metrics.stats import spearman
 
   cfg = common.config_dict(config)
   rows = []
@@ -197,16 +196,9 @@ def report(config, workdir, seeds, metrics) -> dict:
       cells.append(f"{fmt.format(v.mean())} ± {fmt.format(v.std())}")
     lines.append(f"| {regime} | " + " | ".join(cells) + " |")
 
-  def across(key):
-    return np.concatenate([np.asarray(m[key], np.float64)
-                           for m in metrics.values()])
-
-  corr = {}
-  for att in config.eval.attacks:
-    for where in ("full", "in"):
-      corr[f"spec_{where} vs robust_{att}/mse"] = spearman(
-          across(f"spec_{where}/mean_best"), across(f"robust_{att}/mse"))
-  checks = claims(config, metrics, corr)
+  stats = spearman_stats(config, metrics)
+  corr = stats["spearman"]
+  checks = claims(config, metrics, corr, stats["spearman_ci"])
   n_runs = len(seeds) * len(metrics)
   text = [f"# Teacher–student study: {len(seeds)} seeds x {len(metrics)} "
           f"regimes ({n_runs} runs)", "",
@@ -214,23 +206,102 @@ def report(config, workdir, seeds, metrics) -> dict:
           f"{config.eval.eps_frac} x sigma sqrt(k), {config.eval.steps} steps, "
           f"{config.eval.restarts} restarts (keep-best); rel-MSE = MSE / teacher"
           " output variance. Mean ± std over seeds.", "", *lines, "",
-          f"Spearman rank correlation across all {n_runs} runs:", ""]
-  text += [f"- {k}: {v:+.3f}" for k, v in corr.items()]
-  text += ["", "Checks of the paper's claims (computed, not tuned):", ""]
+          *spearman_markdown(stats, len(seeds), n_runs), "",
+          "Checks of the paper's claims (computed, not tuned):", ""]
   text += [f"- {c['name']}: {c['detail']} -> {'PASS' if c['ok'] else 'FAIL'}"
            for c in checks]
   summary = "\n".join(text) + "\n"
   common.atomic_write(os.path.join(workdir, "summary.md"), summary)
   common.atomic_write(os.path.join(workdir, "summary.json"), json.dumps(
-      {"table": table, "spearman": corr, "checks": checks, "seeds": seeds,
+      {"table": table, **stats, "checks": checks, "seeds": seeds,
        "config": cfg}, indent=2))
   print(summary)
   plots(config, workdir, metrics)
-  return {"table": table, "spearman": corr, "checks": checks}
+  return {"table": table, **stats, "checks": checks}
 
 
-def claims(config, metrics, corr) -> list[dict]:
-  """The issue's C1–C3, evaluated on whatever regimes were run."""
+# Bootstrap of the Spearman correlations: percentile intervals from this many
+# resamples of the runs (seeds resampled within each regime), fixed seed.
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_ALPHA = 0.05
+BOOTSTRAP_SEED = 0
+
+
+def spearman_stats(config, metrics, n_boot: int = BOOTSTRAP_SAMPLES,
+                   alpha: float = BOOTSTRAP_ALPHA,
+                   seed: int = BOOTSTRAP_SEED) -> dict:
+  """Spearman correlations between specialization (``spec_{full,in}``) and
+  robust error (``robust_{att}/mse`` for every ``config.eval.attacks``):
+
+  * ``spearman``: across all runs (every regime x seed), ``{key: rho}``;
+  * ``spearman_ci``: its ``1 - alpha`` percentile bootstrap interval,
+    resampling seeds within each regime (stratified: every resample keeps
+    each regime's number of runs, so the pooled correlation is not moved by
+    resamples that drop a regime), ``{key: [low, high]}``;
+  * ``spearman_within``: per regime, across its seeds only, ``{regime: {key:
+    {"rho", "ci"}}}``; this separates "the regimes that specialise are the
+    robust ones" (the across-run correlation, which regime differences alone
+    can produce) from "within one training method, the seeds that
+    specialise more are more robust".
+  """
+  import numpy as np
+  from tsjax.metrics.stats import bootstrap_ci, spearman
+
+  regimes = list(metrics)
+  strata = np.concatenate([np.full(len(np.asarray(metrics[r][
+      "spec_full/mean_best"])), i) for i, r in enumerate(regimes)])
+
+  def across(key):
+    return np.concatenate([np.asarray(metrics[r][key], np.float64)
+                           for r in regimes])
+
+  pairs = {f"spec_{where} vs robust_{att}/mse":
+           (f"spec_{where}/mean_best", f"robust_{att}/mse")
+           for att in config.eval.attacks for where in ("full", "in")}
+  corr, ci, within = {}, {}, {r: {} for r in regimes}
+  for name, (ks, kr) in pairs.items():
+    x, y = across(ks), across(kr)
+    corr[name] = spearman(x, y)
+    ci[name] = list(bootstrap_ci(spearman, x, y, n_boot=n_boot, alpha=alpha,
+                                 seed=seed, strata=strata))
+    for r in regimes:
+      xr = np.asarray(metrics[r][ks], np.float64)
+      yr = np.asarray(metrics[r][kr], np.float64)
+      within[r][name] = {"rho": spearman(xr, yr), "ci": list(bootstrap_ci(
+          spearman, xr, yr, n_boot=n_boot, alpha=alpha, seed=seed))}
+  return {"spearman": corr, "spearman_ci": ci, "spearman_within": within,
+          "bootstrap": {"samples": n_boot, "alpha": alpha, "seed": seed}}
+
+
+def spearman_markdown(stats, n_seeds: int, n_runs: int) -> list[str]:
+  """The Spearman section of summary.md: across all runs, then within each
+  regime (rho [low, high])."""
+  b = stats["bootstrap"]
+  level = f"{100 * (1 - b['alpha']):g}%"
+  fmt = lambda rho, ci: f"{rho:+.3f} [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+  lines = [f"Spearman rank correlation across all {n_runs} runs, with {level} "
+           f"percentile bootstrap intervals ({b['samples']} resamples of the "
+           f"seeds within each regime):", ""]
+  lines += [f"- {k}: {fmt(v, stats['spearman_ci'][k])}"
+            for k, v in stats["spearman"].items()]
+  within = stats["spearman_within"]
+  regimes = list(within)
+  lines += ["", f"Within each regime (across its {n_seeds} seeds; {level} "
+            f"bootstrap intervals; NaN where a metric is constant over the "
+            f"seeds):", "", "| pair | " + " | ".join(regimes) + " |",
+            "|---" * (len(regimes) + 1) + "|"]
+  for k in stats["spearman"]:
+    lines.append(f"| {k} | " + " | ".join(
+        fmt(within[r][k]["rho"], within[r][k]["ci"]) for r in regimes) + " |")
+  return lines
+
+
+def claims(config, metrics, corr, ci=None) -> list[dict]:
+  """The issue's C1–C3, evaluated on whatever regimes were run: a list of
+  ``{"name", "detail", "ok"}``. ``corr`` maps ``"spec_full vs
+  robust_full/mse"`` (and others) to Spearman correlations across runs;
+  ``ci`` (optional) their bootstrap intervals ``[low, high]``, which adds
+  the check that the interval lies below 0."""
   import numpy as np
   mean = lambda r, k: float(np.mean(metrics[r][k]))
   out = []
@@ -262,6 +333,12 @@ def claims(config, metrics, corr) -> list[dict]:
     out.append({"name": "C3 Spearman(full-rank spec, robust error) < 0 "
                         "(paper: strongly negative)",
                 "detail": f"{corr[key]:+.3f}", "ok": bool(corr[key] < 0)})
+    if ci is not None and key in ci:
+      hi = ci[key][1]
+      out.append({"name": "C3 Spearman(full-rank spec, robust error): "
+                          "bootstrap interval below 0",
+                  "detail": f"[{ci[key][0]:+.3f}, {hi:+.3f}]",
+                  "ok": bool(hi < 0)})   # NaN -> False
   return out
 
 

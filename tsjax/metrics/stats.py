@@ -1,4 +1,5 @@
-"""Small statistics helpers (host-side NumPy)."""
+"""Small statistics helpers (host-side NumPy): average ranks, Spearman rank
+correlation, paired (optionally stratified) percentile bootstrap intervals."""
 
 from __future__ import annotations
 
@@ -6,35 +7,82 @@ import numpy as np
 
 
 def rankdata(a) -> np.ndarray:
-  """Ranks 1..n with ties given their average rank (like scipy's default)."""
-  a = np.asarray(a, np.float64)
-  order = np.argsort(a, kind="mergesort")
-  ranks = np.empty(len(a), np.float64)
-  sorted_a = a[order]
-  i = 0
-  while i < len(a):
-    j = i
-    while j + 1 < len(a) and sorted_a[j + 1] == sorted_a[i]:
-      j += 1
-    ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0
-    i = j + 1
-  return ranks
+  """Ranks 1..n with ties given their average rank (like scipy's default),
+  vectorised as in ``scipy.stats.rankdata``."""
+  a = np.asarray(a, np.float64).ravel()
+  n = len(a)
+  sorter = np.argsort(a, kind="mergesort")
+  inv = np.empty(n, np.intp)
+  inv[sorter] = np.arange(n)
+  sorted_a = a[sorter]
+  first = np.r_[True, sorted_a[1:] != sorted_a[:-1]]   # starts of tie runs
+  dense = np.cumsum(first)[inv]                        # 1-based run index
+  bounds = np.r_[np.flatnonzero(first), n]             # run starts, then n
+  return 0.5 * (bounds[dense] + bounds[dense - 1] + 1)
 
 
 def spearman(x, y) -> float:
   """Spearman rank correlation (Pearson correlation of average ranks).
 
-  Returns NaN for fewer than 3 pairs or a constant input.
+  Returns NaN for fewer than 3 pairs, a constant input or any NaN.
   """
   x = np.asarray(x, np.float64)
   y = np.asarray(y, np.float64)
   if x.shape != y.shape or x.ndim != 1:
     raise ValueError(f"spearman needs two 1-D arrays of equal length, got "
                      f"{x.shape} and {y.shape}")
-  if len(x) < 3:
+  if len(x) < 3 or np.isnan(x).any() or np.isnan(y).any():
     return float("nan")
   rx, ry = rankdata(x), rankdata(y)
   rx -= rx.mean()
   ry -= ry.mean()
   den = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
   return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+def bootstrap_ci(stat_fn, *arrays, n_boot: int = 2000, alpha: float = 0.05,
+                 seed: int = 0, strata=None) -> tuple[float, float]:
+  """Percentile bootstrap interval ``(low, high)`` of ``stat_fn(*arrays)``.
+
+  The arrays are paired: each resample draws the same row indices (with
+  replacement) from all of them, so ``bootstrap_ci(spearman, x, y)`` keeps
+  the (x_i, y_i) pairs together. ``strata`` (optional labels, one per row)
+  resamples within each stratum separately, keeping the design's group
+  sizes (e.g. seeds within each training regime when the statistic pools
+  several regimes). The interval is the ``alpha / 2`` and ``1 - alpha / 2``
+  percentiles of the resampled statistics; resamples whose statistic is NaN
+  (e.g. a Spearman correlation of a resample with a constant input) are
+  left out, and the interval is NaN when more than half of them are.
+  Deterministic for a given ``seed`` (NumPy ``default_rng``).
+  """
+  if not arrays:
+    raise ValueError("bootstrap_ci needs at least one array")
+  arrays = [np.asarray(a) for a in arrays]
+  n = len(arrays[0])
+  if any(len(a) != n for a in arrays):
+    raise ValueError(f"bootstrap_ci needs arrays of equal length, got "
+                     f"{[len(a) for a in arrays]}")
+  if not (isinstance(n_boot, int) and n_boot >= 1):
+    raise ValueError(f"n_boot must be an int >= 1, got {n_boot!r}")
+  if not 0.0 < alpha < 1.0:
+    raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+  if n == 0:
+    return float("nan"), float("nan")
+  rng = np.random.default_rng(seed)
+  if strata is None:
+    groups = [np.arange(n)]
+  else:
+    strata = np.asarray(strata)
+    if strata.shape != (n,):
+      raise ValueError(f"strata must have one label per row ({n}), got "
+                       f"shape {strata.shape}")
+    groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
+  stats = np.empty(n_boot, np.float64)
+  for b in range(n_boot):
+    idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
+    stats[b] = float(stat_fn(*(a[idx] for a in arrays)))
+  ok = stats[np.isfinite(stats)]
+  if len(ok) * 2 < n_boot:
+    return float("nan"), float("nan")
+  low, high = np.percentile(ok, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+  return float(low), float(high)
