@@ -121,16 +121,16 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> list:
   each with its own options)."""
   missing = []
   for path, value in overrides.items():
-    node, *rest = [config], path.split(".")
-    *parents, leaf = rest
+    *parents, leaf = path.split(".")
+    node = config
     try:
       for p in parents:
-        node = [node[0][p]]
-      node[0][leaf]                                   # present?
-    except (KeyError, AttributeError):
+        node = node[p]
+      node[leaf]                                      # present?
+    except (KeyError, AttributeError, TypeError):
       missing.append(path)
       continue
-    node[0][leaf] = tuple(value) if isinstance(value, list) else value
+    node[leaf] = tuple(value) if isinstance(value, list) else value
   return missing
 
 

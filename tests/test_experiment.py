@@ -174,3 +174,27 @@ def test_default_workdir_names_are_plain_directory_names():
   # Other configs never share a directory.
   assert path != common.default_workdir(
       "train", "tfds:svhn_cropped,pgd_at", ml_collections.ConfigDict({"a": 2}))
+
+
+def test_table_overrides_reach_every_run():
+  """The tables' ``--config.FIELD=VALUE`` overrides and budgets set nested
+  fields of each run's config (tuples from lists), and a field a method's
+  config lacks is reported, not set."""
+  from experiments import distill_table
+  from tsjax.configs import adv_train
+  c = adv_train.get_config("fashion_mnist,ard")
+  missing = common.apply_overrides(c, {
+      "data.train_subset": 123, "train.boundaries": [1, 2],
+      "method.attack.steps": 3, "method.options.no_such": 1, "nope.x": 2})
+  assert (c.data.train_subset, c.train.boundaries, c.method.attack.steps) == (
+      123, (1, 2), 3)
+  assert missing == ["method.options.no_such", "nope.x"]
+  s = distill_table.student_config("ard", "fashion_mnist", 1, "/t",
+                                   {"train.epochs": 2})
+  budget = {**distill_table.STUDENT_BUDGET, "train.epochs": 2}
+  for path, value in budget.items():
+    node = s
+    for p in path.split("."):
+      node = node[p]
+    assert node == value, path
+  assert (s.seed, s.teacher.checkpoint) == (1, "/t")
