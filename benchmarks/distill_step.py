@@ -23,10 +23,12 @@ the same passes in the same order):
 * **PeerAiD** (student and peer both the student architecture, one update of
   both from ``L_peer + L_student``): ``P(x)`` once, peer in eval mode, no
   gradient; 10 PGD steps on ``sum KL(P(x) || S(x'))`` with the student in eval
-  mode (gradient w.r.t. the input only); then 5 train-mode forward passes in
-  the reference's order ``P(x*), S(x*), S(x*), P(x*), S(x)``;
+  mode (gradient w.r.t. the input only); then 4 train-mode forward passes in
+  the reference's order ``P(x*), S(x*), S(x*), S(x)`` (PeerAiD main.py
+  359-383: the peer's output on ``x*`` is computed once and reused, detached,
+  as the student's target);
   ``L_peer = g1 CE(P1) + g2 tau_p^2 KL(S1 || P1)`` (S1 not detached),
-  ``L_student = l1 CE(S2) + l2 tau^2 KL(sg P2 || S2) + l3 tau^2 KL(S(x) ||
+  ``L_student = l1 CE(S2) + l2 tau^2 KL(sg P1 || S2) + l3 tau^2 KL(S(x) ||
   S2)``, every KL ``nn.KLDivLoss()``'s element-wise mean (/ (B * C)); one
   backward pass; one SGD step on each network (two ``torch.optim.SGD`` as in
   the reference; one optax optimizer over the joint tree in tsjax).
@@ -124,7 +126,7 @@ import adv_train_step as ats  # noqa: E402  (count_*)
 from _common import (loadavg, machine_info, merge_rows,  # noqa: E402
                      open_results, uptime, write_results)
 from tests.torch_nets import TorchResNet18, TorchSmallCNN  # noqa: E402
-from configs.distill import get_config  # noqa: E402
+from tsjax.configs.distill import get_config  # noqa: E402
 from experiments.train import attack_spec, with_augmentation  # noqa: E402
 from tsjax import models  # noqa: E402
 from tsjax.data import images  # noqa: E402
@@ -312,11 +314,10 @@ class TorchPeerAiDStep:
     l_peer = (w.gamma1 * F.cross_entropy(p1, y)
               + w.gamma2 * w.tau_p ** 2 * kl(ls(p1, w.tau_p), sm(s1, w.tau_p)))
     s2 = self.student(x_adv)
-    p2 = self.peer(x_adv)
     s_nat = self.student(x)
     l_student = (w.lambda1 * F.cross_entropy(s2, y)
                  + w.lambda2 * w.tau ** 2 * kl(ls(s2, w.tau),
-                                                sm(p2.detach(), w.tau))
+                                                sm(p1.detach(), w.tau))
                  + w.lambda3 * w.tau ** 2 * kl(ls(s2, w.tau), sm(s_nat, w.tau)))
     loss = l_peer + l_student
     self.opt_s.zero_grad(set_to_none=True)

@@ -1213,3 +1213,28 @@ def test_load_teacher_from_pytorch_state_dict_npz(tmp_path):
   tcfg.sha256 = ""
   with pytest.raises(ValueError, match="classes|fc"):
     load_teacher(tcfg, num_classes=3, mean=mean, std=std, input_shape=HW)
+
+
+def test_bn_free_students_unchanged_by_bn_mode_changes():
+  """The recipes change moved ARD's and IAD's attacks to train mode (batch
+  statistics updated at every step). For a student without batch norm (the
+  small CNN of experiments/results/fashion_mnist_distill.md) that must change
+  nothing: the same loss and gradient, bit for bit, in either mode; for a
+  network with batch norm it does change (``bn_pair`` tests above)."""
+  model = models.get_model("small_cnn", num_classes=10, features=(4, 8),
+                           hidden=16)
+  x = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
+  y = jnp.arange(4) % 10
+  params = model.init(jax.random.key(1), x)["params"]
+  ctx = teacher_ctx(model.init(jax.random.key(2), x)["params"], {})
+  batch = {"image": x, "label": y, "epoch": np.int32(2)}
+  att = AttackSpec(eps=0.1, step_size=0.05, steps=1)
+  for mod, opts in ((ard, ard.Options()), (iad, iad.Options(begin_epoch=1))):
+    grads = []
+    for mode in ("train", "eval"):
+      fn = mod.make_loss(model, teacher=model,
+                         attack=att.replace(bn_mode=mode), options=opts)
+      grads.append(jax.jit(jax.grad(lambda p: fn(p, {}, batch,
+                                                 jax.random.key(3), ctx)[0]))(
+          params))
+    jax.tree.map(np.testing.assert_array_equal, *grads)
