@@ -1,0 +1,195 @@
+"""The runnable documentation runs: every ``examples/*.py`` script and every
+```python block of README.md, each in a fresh interpreter as a user would run
+it (so JAX's global settings, e.g. 64-bit mode, never leak in from the test
+process or another block).
+
+* Scripts are parametrized over the folder's contents: a new example is
+  tested without touching this file (return code 0, some output; the known
+  ones also print numbers that are checked for sanity below).
+* README blocks run in a temporary working directory (a block may write,
+  e.g. a teacher's work dir) with the repository root on ``PYTHONPATH``
+  (blocks may use a clone's ``experiments/``). Blocks of "## Using the
+  library" must run exactly as written; blocks elsewhere are fragments that
+  lean on the surrounding prose (a method file's body, "a model you have"),
+  so ``CONTEXT`` gives them the few definitions they assume.
+* Whatever reads Fashion-MNIST skips only when the Debian package's folder is
+  missing, as the other tests do.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tsjax.data import images
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = sorted(f for f in os.listdir(os.path.join(ROOT, "examples"))
+                  if f.endswith(".py"))
+FMNIST = os.path.isdir(images.DEFAULT_FASHION_MNIST_DIR)
+TIMEOUT = 600
+
+# What the known examples must print (regexes); the float groups are checked
+# by CHECKS. Examples not listed here only need a clean exit and some output.
+EXPECTED = {
+    "attack_any_model.py": [
+        r"clean accuracy: +(\d\.\d+)",
+        r"PGD-10 \(linf 0\.1, 3 restarts\) accuracy: (\d\.\d+)",
+        r"restrict='in' +accuracy: (\d\.\d+)",
+        r"restrict='orth' accuracy: (\d\.\d+)",
+        r"AutoAttack \(linf 0\.1\) accuracy: (\d\.\d+)",
+    ],
+    "specialization_two_networks.py": [
+        r"A vs A \(seed 0\) : mean best correlation (\d\.\d+)",
+        r"A vs B \(seed 1\) : mean best correlation (\d\.\d+)",
+        r"A vs untrained +: mean best correlation (\d\.\d+)",
+    ],
+    "seed_sweep_teacher_student.py": [
+        r"standard mean +(\S+) +(\S+) +(\S+) +(\S+) +(\S+)",
+        r"pgd_at mean +(\S+) +(\S+) +(\S+) +(\S+) +(\S+)",
+    ],
+    "distill_one_step.py": [
+        r"advfunmatch: loss before the step (\d+\.\d+), after (\d+\.\d+)",
+        r"peeraid: loss before the step (\d+\.\d+), after (\d+\.\d+)",
+    ],
+}
+
+
+def _check_attack(v):
+  clean, pgd_acc, in_acc, orth_acc, aa = v
+  assert clean > 0.6                       # a trained classifier
+  assert pgd_acc < clean and aa <= clean   # the attacks do something
+  assert in_acc < clean and orth_acc < clean
+
+
+def _check_specialization(v):
+  itself, other_seed, untrained = v
+  assert itself > 0.999                    # a network matches itself exactly
+  assert untrained < other_seed < itself
+
+
+def _check_sweep(v):
+  standard, pgd_at = v[:5], v[5:]
+  assert standard[2] < 1e-6 < pgd_at[2]    # only PGD-AT leaves span(U)
+  assert pgd_at[1] > standard[1]           # ... and specialises off it
+
+
+def _check_distill(v):
+  afm_before, afm_after, peer_before, peer_after = v
+  assert afm_after < afm_before and peer_after < peer_before
+
+
+CHECKS = {"attack_any_model.py": _check_attack,
+          "specialization_two_networks.py": _check_specialization,
+          "seed_sweep_teacher_student.py": _check_sweep,
+          "distill_one_step.py": _check_distill}
+
+
+def _env():
+  """The environment a user's shell would give: no virtual devices or x64
+  switched on by the test process (conftest sets both for itself)."""
+  env = dict(os.environ)
+  flags = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                   if "xla_force_host_platform_device_count" not in f)
+  env["XLA_FLAGS"] = flags
+  env.pop("JAX_ENABLE_X64", None)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+  return env
+
+
+def _run(args, cwd):
+  proc = subprocess.run([sys.executable, *args], cwd=cwd, env=_env(),
+                        capture_output=True, text=True, timeout=TIMEOUT)
+  assert proc.returncode == 0, (
+      f"{args} exited with {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+      f"\n--- stderr\n{proc.stderr[-6000:]}")
+  return proc.stdout
+
+
+def _needs_fmnist(source: str) -> bool:
+  return "fashion" in source.lower()
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_runs(name, tmp_path):
+  path = os.path.join(ROOT, "examples", name)
+  with open(path) as f:
+    source = f.read()
+  assert source.lstrip().startswith('"""'), f"{name}: no module docstring"
+  assert re.search(r"^def main\(\):", source, re.M), f"{name}: no main()"
+  assert 'if __name__ == "__main__":' in source
+  if _needs_fmnist(source) and not FMNIST:
+    pytest.skip(f"needs `{images.FASHION_MNIST_APT}`")
+  out = _run([path], cwd=tmp_path)
+  assert out.strip(), f"{name} printed nothing"
+  assert not os.listdir(tmp_path), f"{name} wrote into its working directory"
+  values = []
+  for pattern in EXPECTED.get(name, []):
+    m = re.search(pattern, out)
+    assert m, f"{name}: no line matching {pattern!r} in\n{out}"
+    values += [float(g) for g in m.groups()]
+  if name in CHECKS:
+    CHECKS[name](values)
+
+
+# ------------------------------------------------------------------ README
+USING = "## Using the library"
+
+# Definitions that README fragments outside USING take from their prose,
+# keyed by a line of the fragment.
+CONTEXT = {
+    # "Adding a method": the body of a file tsjax/methods/my_method.py.
+    "# tsjax/methods/my_method.py": """
+import dataclasses
+from tsjax import config_checks as cc
+from tsjax.methods.registry import Method
+""",
+    # "Evaluating robustness": a model with its variables and test points.
+    "out = autoattack(ModelLogits(model)": """
+import jax, jax.numpy as jnp
+from tsjax import models
+from tsjax.train.classifier import init_model
+model = models.get_model("small_cnn", features=(8, 16), hidden=32)
+params, model_state = init_model(model, jax.random.key(0), (28, 28, 1))
+x_test = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1))
+y_test = jnp.argmax(model.apply({"params": params}, x_test), -1)
+""",
+}
+
+
+def readme_blocks():
+  """``(line, section, code)`` of every ```python block of README.md."""
+  with open(os.path.join(ROOT, "README.md")) as f:
+    text = f.read()
+  blocks = []
+  for m in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
+    before = text[:m.start()]
+    headings = re.findall(r"^## .*$", before, re.M)
+    blocks.append((before.count("\n") + 1, headings[-1] if headings else "",
+                   m.group(1)))
+  return blocks
+
+
+BLOCKS = readme_blocks()
+
+
+def test_readme_has_library_blocks():
+  assert sum(section == USING for _, section, _ in BLOCKS) >= 3
+
+
+@pytest.mark.parametrize("line,section,code", BLOCKS,
+                         ids=[f"README.md:{b[0]}" for b in BLOCKS])
+def test_readme_block_runs(line, section, code, tmp_path):
+  if _needs_fmnist(code) and not FMNIST:
+    pytest.skip(f"needs `{images.FASHION_MNIST_APT}`")
+  prelude = ""
+  if section != USING:
+    prelude = "".join(c for marker, c in CONTEXT.items() if marker in code)
+  script = tmp_path / "block.py"
+  script.write_text(prelude + "\n" + code)
+  work = tmp_path / "cwd"
+  work.mkdir()
+  _run([str(script)], cwd=work)
