@@ -8,26 +8,46 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
 KL_REDUCTIONS = ("batchmean", "mean", "sum", "none")
 
 
+def _check_logits_labels(fn: str, logits, labels, *, min_classes: int = 1):
+  """Shapes at the boundary (static, so free under jit): logits [B, C],
+  integer labels [B] or probabilities [B, C]."""
+  chex.assert_rank(logits, 2, custom_message=f"{fn}: logits must be [B, C]")
+  if labels.ndim == 2:
+    chex.assert_equal_shape([logits, labels], custom_message=(
+        f"{fn}: probability labels must have the logits' shape [B, C]"))
+  else:
+    chex.assert_shape(labels, (logits.shape[0],), custom_message=(
+        f"{fn}: labels must be [B] integers (B = logits.shape[0])"))
+    chex.assert_type(labels, int, custom_message=f"{fn}: labels must be ints")
+  if logits.shape[-1] < min_classes:
+    raise ValueError(f"{fn} needs at least {min_classes} classes; logits "
+                     f"have {logits.shape[-1]}")
+
+
 def squared_error(pred: jax.Array, target: jax.Array) -> jax.Array:
   """Per-example ``0.5 * ||pred - target||^2`` ([B]); Tian's training loss."""
+  chex.assert_equal_shape([pred, target], custom_message="squared_error")
   diff = (pred - target).reshape(pred.shape[0], -1)
   return 0.5 * jnp.sum(diff * diff, axis=1)
 
 
 def mean_squared_error(pred: jax.Array, target: jax.Array) -> jax.Array:
   """Per-example mean over outputs of ``(pred - target)^2`` ([B])."""
+  chex.assert_equal_shape([pred, target], custom_message="mean_squared_error")
   diff = (pred - target).reshape(pred.shape[0], -1)
   return jnp.mean(diff * diff, axis=1)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-example cross-entropy; ``labels`` are ints [B] or probabilities [B, C]."""
+  _check_logits_labels("cross_entropy", logits, labels)
   logp = jax.nn.log_softmax(logits, axis=-1)
   if labels.ndim == logits.ndim:
     return -jnp.sum(labels * logp, axis=-1)
@@ -51,6 +71,8 @@ def kl(target_logits: jax.Array, logits: jax.Array, *, temperature: float = 1.0,
   if reduction not in KL_REDUCTIONS:
     raise ValueError(f"unknown KL reduction {reduction!r}; expected one of "
                      f"{KL_REDUCTIONS}")
+  chex.assert_equal_shape([target_logits, logits], custom_message=(
+      "kl: target_logits and logits must have one shape [..., C]"))
   logp = jax.nn.log_softmax(target_logits / temperature, axis=-1)
   logq = jax.nn.log_softmax(logits / temperature, axis=-1)
   p = jnp.exp(logp)
@@ -69,6 +91,7 @@ def kl(target_logits: jax.Array, logits: jax.Array, *, temperature: float = 1.0,
 
 def margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-example ``max_{j != y} z_j - z_y`` (> 0 iff misclassified); CW loss."""
+  _check_logits_labels("margin", logits, labels, min_classes=2)
   z_y = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
   other = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool),
                     -jnp.inf, logits)
@@ -82,6 +105,7 @@ def dlr(logits: jax.Array, labels: jax.Array) -> jax.Array:
   >= ...`` the sorted logits: > 0 iff misclassified; shift- and
   scale-invariant in the logits. Needs at least 3 classes.
   """
+  _check_logits_labels("dlr", logits, labels, min_classes=3)
   z_sorted = jnp.sort(logits, axis=-1)
   z_y = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
   other = jnp.where(jax.nn.one_hot(labels, logits.shape[-1], dtype=bool),
@@ -95,6 +119,8 @@ def dlr_targeted(logits: jax.Array, labels: jax.Array,
   """Per-example targeted DLR (APGD-T), to maximise:
   ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)``. Needs >= 4
   classes."""
+  _check_logits_labels("dlr_targeted", logits, labels, min_classes=4)
+  chex.assert_equal_shape([labels, targets], custom_message="dlr_targeted")
   z_sorted = jnp.sort(logits, axis=-1)
   z_y = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
   z_t = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]

@@ -293,6 +293,7 @@ def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, *,
     never attacked).
   """
   _check(norm, eps, steps, restarts, rho, loss)
+  N.check_inputs(x, eps=eps)
   if loss == "dlr_targeted":
     if targets is None:
       raise ValueError("loss='dlr_targeted' needs targets [B]")

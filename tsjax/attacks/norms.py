@@ -9,6 +9,7 @@ D the flattened input size.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -139,3 +140,25 @@ def random_in_ball(key, x, eps, norm, *, U=None, restrict=None):
   # Scale so the perturbation fills the ball of the requested norm.
   scale = eps / (_bcast(per_example_norm(g, norm), x) + _TINY)
   return delta * scale
+
+
+def check_inputs(x, U=None, eps=None, step_size=None) -> None:
+  """Shapes and dtypes at an attack's boundary (static, free under jit):
+  floating ``x`` [B, ...]; ``U`` [prod(x.shape[1:]), k]; ``eps`` and
+  ``step_size`` scalars or [B]."""
+  chex.assert_type(x, float, custom_message="attack input x must be floating")
+  if x.ndim < 2:
+    raise ValueError(f"attack input x must be batched [B, ...]; got shape "
+                     f"{x.shape}")
+  if U is not None:
+    d = 1
+    for n in x.shape[1:]:
+      d *= n
+    chex.assert_rank(U, 2, custom_message="subspace basis U must be [d, k]")
+    if U.shape[0] != d:
+      raise ValueError(f"subspace basis U has {U.shape[0]} rows; the inputs "
+                       f"have d = {d} features per example (shape {x.shape})")
+  for name, v in (("eps", eps), ("step_size", step_size)):
+    if v is not None and jnp.ndim(v) != 0 and jnp.shape(v) != (x.shape[0],):
+      raise ValueError(f"{name} must be a scalar or [B] = [{x.shape[0]}]; "
+                       f"got shape {jnp.shape(v)}")

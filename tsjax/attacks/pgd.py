@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -124,6 +125,7 @@ def pgd(loss_fn: LossFn, x: jax.Array, key: jax.Array, *, eps, step_size,
     ``state``: ``(that, state)``.
   """
   _check(norm, restrict, U, steps, restarts)
+  N.check_inputs(x, U, eps, step_size)
   stateful = state is not None
   if stateful and restarts != 1:
     raise ValueError("a stateful objective takes one restart")
@@ -136,6 +138,8 @@ def pgd(loss_fn: LossFn, x: jax.Array, key: jax.Array, *, eps, step_size,
   def value_and_grad(delta, st):
     vals, vjp, st = jax.vjp(lambda d: objective(x + d, st), delta,
                             has_aux=True)
+    chex.assert_shape(vals, (x.shape[0],), custom_message=(
+        "pgd: loss_fn must return one loss per example, shape [B]"))
     return vals, vjp(jnp.ones_like(vals))[0], st
 
   def one_run(k, st):

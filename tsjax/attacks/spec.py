@@ -30,6 +30,7 @@ import functools
 import math
 from typing import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -168,11 +169,14 @@ def backtracking_pgd(loss_fn: Callable, x: jax.Array, key: jax.Array,
   objective does not get worse, else the example's ``lr`` is divided by
   ``lr_factor`` and ``delta`` stays.
   """
+  N.check_inputs(x, eps=spec.eps, step_size=spec.step_size)
   cons = dict(bounds=spec.bounds)
   steps = int(spec.steps)
 
   def value_and_grad(delta):
     vals, vjp = jax.vjp(lambda d: loss_fn(x + d), delta)
+    chex.assert_shape(vals, (x.shape[0],), custom_message=(
+        "backtracking_pgd: loss_fn must return one loss per example, [B]"))
     return vals, vjp(jnp.ones_like(vals))[0]
 
   def one_run(k):
