@@ -8,10 +8,8 @@ process or another block).
   ones also print numbers that are checked for sanity below).
 * README blocks run in a temporary working directory (a block may write,
   e.g. a teacher's work dir) with the repository root on ``PYTHONPATH``
-  (blocks may use a clone's ``experiments/``). Blocks of "## Using the
-  library" must run exactly as written; blocks elsewhere are fragments that
-  lean on the surrounding prose (a method file's body, "a model you have"),
-  so ``CONTEXT`` gives them the few definitions they assume.
+  (blocks may use a clone's ``experiments/``). Every block runs exactly as
+  written, nothing prepended.
 * Whatever reads Fashion-MNIST skips only when the Debian package's folder is
   missing, as the other tests do.
 """
@@ -140,26 +138,6 @@ USING = "## Using the library"
 
 # Definitions that README fragments outside USING take from their prose,
 # keyed by a line of the fragment.
-CONTEXT = {
-    # "Adding a method": the body of a file tsjax/methods/my_method.py.
-    "# tsjax/methods/my_method.py": """
-import dataclasses
-from tsjax import config_checks as cc
-from tsjax.methods.registry import Method
-""",
-    # "Evaluating robustness": a model with its variables and test points.
-    "out = autoattack(ModelLogits(model)": """
-import jax, jax.numpy as jnp
-from tsjax import models
-from tsjax.train.classifier import init_model
-model = models.get_model("small_cnn", features=(8, 16), hidden=32)
-params, model_state = init_model(model, jax.random.key(0), (28, 28, 1))
-x_test = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1))
-y_test = jnp.argmax(model.apply({"params": params}, x_test), -1)
-""",
-}
-
-
 def readme_blocks():
   """``(line, section, code)`` of every ```python block of README.md."""
   with open(os.path.join(ROOT, "README.md")) as f:
@@ -185,11 +163,8 @@ def test_readme_has_library_blocks():
 def test_readme_block_runs(line, section, code, tmp_path):
   if _needs_fmnist(code) and not FMNIST:
     pytest.skip(f"needs `{images.FASHION_MNIST_APT}`")
-  prelude = ""
-  if section != USING:
-    prelude = "".join(c for marker, c in CONTEXT.items() if marker in code)
   script = tmp_path / "block.py"
-  script.write_text(prelude + "\n" + code)
+  script.write_text(code)
   work = tmp_path / "cwd"
   work.mkdir()
   _run([str(script)], cwd=work)
