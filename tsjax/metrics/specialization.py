@@ -111,8 +111,13 @@ def specialization_summary(C: jax.Array,
 def streamed_correlations(acts_fn, xs: jax.Array, batch_size: int,
                           dtype=None) -> list[CorrStats]:
   """Streams ``acts_fn(x_batch) -> (teacher_hiddens, student_hiddens)`` over
-  ``xs [N, d]`` in batches (``lax.scan``; the remainder is masked, every
-  example counted once) and returns one CorrStats per hidden layer."""
+  ``xs [N, ...]`` in batches (``lax.scan``; the remainder is masked, every
+  example counted once) and returns one CorrStats per hidden layer.
+
+  A layer's activations are ``[B * P, units]``: ``P = 1`` row per example,
+  or ``P`` rows per example stored example-major (a conv layer's spatial
+  positions, ``h.reshape(-1, C)`` of ``[B, H, W, C]``); the example mask is
+  repeated ``P`` times to match."""
   n_total = xs.shape[0]
   nb = -(-n_total // batch_size)
   pad = nb * batch_size - n_total
@@ -127,10 +132,20 @@ def streamed_correlations(acts_fn, xs: jax.Array, batch_size: int,
   def body(stats, inp):
     x, m = inp
     ht, hs = acts_fn(x)
-    return [corr_update(st, t, s, m) for st, t, s in zip(stats, ht, hs)], None
+    return [corr_update(st, t, s, _rows_mask(m, t.shape[0]))
+            for st, t, s in zip(stats, ht, hs)], None
 
   stats, _ = jax.lax.scan(body, init, (xb, mb))
   return stats
+
+
+def _rows_mask(mask: jax.Array, rows: int) -> jax.Array:
+  """The [B] example mask for ``rows = B * P`` example-major rows."""
+  b = mask.shape[0]
+  if rows % b:
+    raise ValueError(f"a layer has {rows} rows for a batch of {b} examples; "
+                     f"expected a multiple (rows per example, example-major)")
+  return mask if rows == b else jnp.repeat(mask, rows // b)
 
 
 def perp_drift(w1: jax.Array, w1_init: jax.Array, U: jax.Array) -> jax.Array:
