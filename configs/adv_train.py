@@ -10,7 +10,10 @@ PeerAiD).
 
 Variant string (any order): one data set (fashion_mnist | cifar10 | cifar100 |
 tiny_imagenet), one method of ``tsjax.methods.REGISTRY``, optionally
-``smoke`` (a few steps on a data subset; what the tests run).
+``smoke`` (a few steps on a data subset; what the tests run) and
+``offsubspace_aug`` (an ``offsubspace`` section: half of each batch moved off
+the training images' PCA subspace before the method's loss, e.g.
+``fashion_mnist,rslad,offsubspace_aug``; ``tsjax.methods.offsubspace``).
 
 ``method.options`` starts from the method's ``Options`` defaults;
 ``RECIPES[method]`` then sets what the paper's code runs. Fashion-MNIST
@@ -271,8 +274,34 @@ def _peeraid(c, dataset):
   c.train.swa_start_epoch = int(c.train.boundaries[0])
 
 
-RECIPES = {"pgd_at": _pgd_at, "trades": _trades, "ccat": _ccat, "kd": _kd,
-           "ard": _ard, "iad": _iad, "rslad": _rslad, "funmatch": _funmatch,
+def _offsubspace(c, dataset):
+  # The moved points lie on the surface of the evaluation attack's ball
+  # (radius follows eval.eps unless set; L-inf like the attack).
+  c.method.options.norm = "linf"
+  c.method.options.radius = c.eval.get_ref("eps")
+  if dataset in PAPER_DATASETS:
+    c.reference = ("Yang et al. 2021 (off-subspace augmentation, the remedy "
+                   "their analysis suggests), image form; training recipe "
+                   "of PGD-AT (Rice et al. / Pang et al.)")
+    c.model.name = "preact_resnet18"
+    c.train.lr, c.train.weight_decay = 0.1, 5e-4
+    c.train.epochs, c.train.boundaries = 110, (100, 105)
+    c.eval.autoattack_subset = 0
+
+
+def offsubspace_section(c) -> ml_collections.ConfigDict:
+  """The ``offsubspace`` section (``experiments.train``) for any method:
+  ``tsjax.methods.offsubspace.Options`` with the radius tied to eval.eps."""
+  s = ml_collections.ConfigDict(dataclasses.asdict(
+      methods.offsubspace.Options()))
+  s.norm = "linf"
+  s.radius = c.eval.get_ref("eps")
+  return s
+
+
+RECIPES = {"pgd_at": _pgd_at, "trades": _trades, "ccat": _ccat,
+           "offsubspace": _offsubspace, "kd": _kd, "ard": _ard, "iad": _iad,
+           "rslad": _rslad, "funmatch": _funmatch,
            "advfunmatch": _advfunmatch, "peeraid": _peeraid}
 
 # The Fashion-MNIST students of the distillation comparison: a smaller CNN
@@ -311,20 +340,26 @@ def _smoke(c, dataset):
 
 def parse_variant(arg: str, default_method: str = "pgd_at"):
   parts = [p.strip() for p in arg.split(",") if p.strip()]
-  known = DATASETS + tuple(methods.REGISTRY) + ("smoke",)
+  known = DATASETS + tuple(methods.REGISTRY) + ("smoke", "offsubspace_aug")
   unknown = [p for p in parts if p not in known]
   if unknown:
     raise ValueError(f"unknown variant(s) {unknown} of configs/adv_train.py; "
                      f"data sets {DATASETS}, methods "
-                     f"{tuple(methods.REGISTRY)}, and 'smoke'")
+                     f"{tuple(methods.REGISTRY)}, 'smoke' and "
+                     f"'offsubspace_aug'")
+  named = [p for p in parts if p in methods.REGISTRY]
+  if len(set(named)) > 1:
+    raise ValueError(f"configs/adv_train.py variant names several methods "
+                     f"{named}; name one (off-subspace augmentation for "
+                     f"another method: 'offsubspace_aug')")
   dataset = next((p for p in parts if p in DATASETS), "fashion_mnist")
-  method = next((p for p in parts if p in methods.REGISTRY), default_method)
-  return dataset, method, "smoke" in parts
+  method = named[0] if named else default_method
+  return dataset, method, "smoke" in parts, "offsubspace_aug" in parts
 
 
 def get_config(arg: str = "fashion_mnist,pgd_at",
                default_method: str = "pgd_at") -> ml_collections.ConfigDict:
-  dataset, method, smoke = parse_variant(arg, default_method)
+  dataset, method, smoke, offsub = parse_variant(arg, default_method)
   c = _base(dataset, method)
   if dataset in PAPER_DATASETS:
     _paper_base(c, dataset)
@@ -333,6 +368,11 @@ def get_config(arg: str = "fashion_mnist,pgd_at",
     c.model.kwargs = ml_collections.ConfigDict(STUDENT_KWARGS)
   if method in RECIPES:
     RECIPES[method](c, dataset)
+  if offsub:
+    if method == "offsubspace":
+      raise ValueError("'offsubspace_aug' adds off-subspace augmentation to "
+                       "another method; the 'offsubspace' method has it")
+    c.offsubspace = offsubspace_section(c)
   if smoke:
     _smoke(c, dataset)
   return c

@@ -38,6 +38,7 @@ from tsjax import methods, models
 from tsjax.attacks import AttackSpec
 from tsjax.attacks.autoattack import VERSIONS
 from tsjax.data import augment, images
+from tsjax.methods import offsubspace
 from tsjax.methods.distill import teacher_ctx
 from tsjax.train import TrainState
 from tsjax.train import classifier as clf
@@ -63,6 +64,11 @@ def validate(config) -> None:
                          f"{sorted(models.REGISTRY)}, got {name!r}")
   method = methods.get(cc.get_field(config, "method.name"))
   method.build_options(config.method.options)
+  if offsubspace_options(config) is not None and method.init_ctx:
+    raise cc.ConfigError(f"config section 'offsubspace' adds off-subspace "
+                         f"augmentation to another method; method "
+                         f"{method.name!r} sets up its own ctx (for "
+                         f"'offsubspace' use method.options)")
   attack_spec(config)
   spec = augment.parse_augment_spec(cc.get_field(config, "augment"), "augment")
   if method.name == "ccat" and any(n in ("mixup", "cutmix") for n, _ in spec):
@@ -155,7 +161,8 @@ def eval_attack(config, steps: int) -> AttackSpec:
 # ----------------------------------------------------------------- building
 class Built(NamedTuple):
   """What a method hands the generic training run: its pure loss, the
-  initial trainable variables, the step's ``ctx`` (frozen teachers) and the
+  initial trainable variables, the step's ``ctx`` (frozen teachers, the
+  off-subspace methods' data-subspace basis) and the
   ``view`` of the trained tree that is evaluated / averaged / selected."""
   loss_fn: Any
   params: Any
@@ -164,14 +171,29 @@ class Built(NamedTuple):
   view: Any = None
 
 
+def offsubspace_options(config):
+  """The optional ``offsubspace`` config section (any method: move
+  ``fraction`` of each batch off the training images' PCA subspace before
+  the method's loss; ``tsjax.methods.offsubspace.with_offsubspace``) as
+  checked ``offsubspace.Options``; None when absent or ``fraction`` is 0."""
+  section = config.get("offsubspace")
+  if section is None:
+    return None
+  options = cc.build(offsubspace.Options, section, "offsubspace")
+  return options if options.fraction > 0 else None
+
+
 def method_loss(config, model, teacher=None):
   """The pure loss of ``config.method`` on ``model`` (uint8 batches are
-  converted and augmented by ``with_augmentation``)."""
+  converted and augmented by ``with_augmentation``), wrapped by the
+  ``offsubspace`` section when it is set."""
   method = methods.get(config.method.name)
-  return method.make_loss(
+  loss_fn = method.make_loss(
       model, teacher=teacher,
       attack=attack_spec(config) if method.uses_attack else None,
       options=method.build_options(config.method.options))
+  aug = offsubspace_options(config)
+  return loss_fn if aug is None else offsubspace.with_offsubspace(loss_fn, aug)
 
 
 def build(config, model, data, key) -> Built:
@@ -189,6 +211,14 @@ def build(config, model, data, key) -> Built:
         std=data.std if normalize else (1.0,), input_shape=data.image_shape)
     models.check_input_shape(teacher, data.image_shape)
     ctx = teacher_ctx(t_params, t_state)
+  # Entries computed once from the training images (the off-subspace
+  # methods' PCA basis), by the method's hook or the offsubspace section.
+  aug = offsubspace_options(config)
+  if method.init_ctx:
+    ctx = {**(ctx or {}), **method.init_ctx(
+        data.images, method.build_options(config.method.options))}
+  elif aug is not None:
+    ctx = {**(ctx or {}), **offsubspace.init_ctx(data.images, aug)}
   return Built(method_loss(config, model, teacher), params, model_state, ctx,
                method.view)
 

@@ -42,6 +42,10 @@ class Method:
     AttackSpec)}``: extra test-set attacks (CCAT's confidence attack);
     ``report(per_example, options) -> dict``: extra result fields from the
     per-example test arrays (CCAT's confidence-thresholded error).
+  * ``init_ctx(train_images, options) -> dict``: entries added to the
+    step's ``ctx``, computed once before training from the training split's
+    images (uint8 ``[N, H, W, C]``); the image off-subspace method's PCA
+    basis.
   * ``reference``: the code whose executed behaviour the defaults follow.
   """
   name: str
@@ -53,6 +57,7 @@ class Method:
   view: Callable | None = None
   test_attacks: Callable | None = None
   report: Callable | None = None
+  init_ctx: Callable | None = None
   reference: str = ""
 
   def build_options(self, values: Any = None, prefix: str = "method.options"):
