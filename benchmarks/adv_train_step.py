@@ -1,13 +1,22 @@
 """One PGD-10 adversarial-training step: tsjax (jitted) vs PyTorch (eager).
 
-The step (Madry et al. PGD-AT, CIFAR-10 hyper-parameters of
-``configs/adv_train.py:cifar10,pgd_at``): L-inf PGD, eps 8/255, step 2/255, 10
-steps, uniform random start, inputs kept in [0, 1], the model in **eval**
-mode while attacking (running batch-norm statistics); then one **train**-mode
-cross-entropy step at the adversarial examples with SGD (lr 0.1, momentum
-0.9, coupled weight decay 5e-4 on every parameter). Batch 128 of 32x32x3
-uint8 images (converted to [0, 1] floats inside the step), 10 classes,
-CIFAR-10 mean / std normalisation inside the model.
+The step (Madry et al. PGD-AT): L-inf PGD, 10 steps, uniform random start,
+inputs kept in [0, 1], the model in **eval** mode while attacking (running
+batch-norm statistics); then one **train**-mode cross-entropy step at the
+adversarial examples with SGD (momentum 0.9, coupled weight decay 5e-4 on
+every parameter). Batch 128 of uint8 images (converted to [0, 1] floats
+inside the step), 10 classes, the data set's mean / std normalisation inside
+the model. Two input shapes (``--shapes``), each with its data set's
+hyper-parameters:
+
+* ``cifar``: 32x32x3, ``configs/adv_train.py:cifar10,pgd_at`` (eps 8/255,
+  step 2/255, lr 0.1);
+* ``fmnist``: 28x28x1, ``configs/adv_train.py:fashion_mnist,pgd_at`` (eps
+  0.1, step 0.025, lr 0.05): the step ``benchmarks/image_run.py`` runs end
+  to end. Its rows are named ``<model>_28x28x1``.
+
+By default the small CNN runs on both shapes and PreAct ResNet-18 on the
+CIFAR shape only; ``--shapes`` applies the given shapes to every model.
 
 * tsjax: the train step is built exactly as ``experiments/train.py`` builds
   it, ``clf.jit_train_step(with_augmentation(method_loss(config, model),
@@ -15,31 +24,38 @@ CIFAR-10 mean / std normalisation inside the model.
   ``clf.make_optimizer(config.train, ...)``; the state is donated each step.
 * PyTorch: an eager implementation written here with the same architectures
   (tests/torch_nets.py: ``TorchSmallCNN``, ``TorchResNet18(preact=True)``,
-  layer for layer the Flax ``SmallCNN`` / ``PreActResNet18``), the same attack loop (gradient of the
-  summed per-example CE w.r.t. the perturbation only; parameters get no
-  gradient while attacking) and ``torch.optim.SGD(lr=0.1, momentum=0.9,
-  weight_decay=5e-4)``. ``torch.set_num_threads(os.cpu_count())`` (or
-  ``--torch-threads``); NCHW (PyTorch's default layout); on a GPU
-  ``cudnn.benchmark = True``. On a CPU shared with other jobs, PyTorch's
-  OpenMP parallel regions (one barrier per op, ~100 ops per PGD iteration)
-  stall whenever one of their threads is preempted, so PyTorch suffers more
-  from machine load than XLA's thread pool: compare on an idle machine.
+  layer for layer the Flax ``SmallCNN`` / ``PreActResNet18``), the same
+  attack loop (gradient of the summed per-example CE w.r.t. the perturbation
+  only; parameters get no gradient while attacking) and
+  ``torch.optim.SGD(lr=<config lr>, momentum=0.9, weight_decay=5e-4)``.
+  ``torch.set_num_threads(os.cpu_count())`` (or ``--torch-threads``); on a
+  GPU ``cudnn.benchmark = True``. PyTorch runs in two memory layouts
+  (``--torch-layouts``): NCHW (its default) and ``channels_last`` (model and
+  input batch; oneDNN's preferred layout on CPUs), each its own model copy
+  and optimizer from the same weights; the **faster layout is the
+  reference** (``torch_ms``, ``speedup``, ``torch_layout``), both are
+  reported (``torch_by_layout_ms``; ``speedup_vs_nchw`` for the record). On
+  a CPU shared with other jobs, PyTorch's OpenMP parallel regions (one
+  barrier per op, ~100 ops per PGD iteration) stall whenever one of their
+  threads is preempted, so PyTorch suffers more from machine load than
+  XLA's thread pool: compare on an idle machine.
 
-Comparable work is checked before timing: equal parameter (and batch-norm
-statistic) counts; the tsjax initial weights are copied into the PyTorch
-model and clean logits (eval and train mode) and the input gradient of the
-summed CE agree on 32 images (float32, full-precision matmuls; max abs error
-<= 1e-4 relative to the largest logit / gradient entry; the gradient per
-example, in at least 75% of the examples, because a ReLU input within
-rounding of 0 may flip in one framework and change that example's gradient by
-~1e-3). Both frameworks start training from those same weights.
+Comparable work is checked before timing, for every PyTorch layout: equal
+parameter (and batch-norm statistic) counts; the tsjax initial weights are
+copied into the PyTorch model and clean logits (eval and train mode) and the
+input gradient of the summed CE agree on 32 images (float32, full-precision
+matmuls; max abs error <= 1e-4 relative to the largest logit / gradient
+entry; the gradient per example, in at least 75% of the examples, because a
+ReLU input within rounding of 0 may flip in one framework and change that
+example's gradient by ~1e-3). Both frameworks start training from those same
+weights.
 
 Timing: compilation and warm-up (``--warmup`` steps, default 2) excluded;
 ``--repeats`` timed repeats of ``--steps-per-repeat`` consecutive steps each,
-tsjax and PyTorch interleaved repeat by repeat (so load drift hits both);
-per-step time = repeat wall time / steps; the median (and min) over repeats is
-reported. tsjax repeats end with ``jax.block_until_ready``, PyTorch repeats
-with ``torch.cuda.synchronize()`` on a GPU.
+tsjax and each PyTorch layout interleaved repeat by repeat (so load drift
+hits all); per-step time = repeat wall time / steps; the median (and min)
+over repeats is reported. tsjax repeats end with ``jax.block_until_ready``,
+PyTorch repeats with ``torch.cuda.synchronize()`` on a GPU.
 
 ``--bf16``: tsjax models built with ``dtype=jnp.bfloat16`` (bfloat16
 compute, float32 parameters); PyTorch under ``torch.autocast(...,
@@ -49,20 +65,24 @@ parameters and optimizer state stay float32 in both.
 ``--breakdown``: additionally times the pieces of the step (eval forward,
 one attack iteration = forward + gradient w.r.t. the input, the whole
 10-step attack, the train-mode forward + backward without the update) in both
-frameworks. ``benchmarks/adv_train_step_profile.py`` goes further (why the
-tsjax attack loop is slower than its iterations on XLA CPU).
+frameworks (PyTorch in its reference layout).
+``benchmarks/adv_train_step_profile.py`` goes further (why the tsjax attack
+loop is slower than its iterations on XLA CPU).
 
 Run from the repository root (runs unchanged on a GPU: jax's default backend,
 torch on ``cuda`` when available)::
 
   python benchmarks/adv_train_step.py                        # both models
-  python benchmarks/adv_train_step.py --models small_cnn --repeats 7
+  python benchmarks/adv_train_step.py --models small_cnn --repeats 7  # 2 shapes
+  python benchmarks/adv_train_step.py --models small_cnn --shapes fmnist
+  python benchmarks/adv_train_step.py --torch-layouts nchw  # before: NCHW only
   python benchmarks/adv_train_step.py --bf16
   python benchmarks/adv_train_step.py --quick                # sanity run
 
 Results: a table on stdout and
 ``benchmarks/results/adv_train_step_<backend>.json`` (one entry per
-dtype; ``--quick`` writes ``adv_train_step_<backend>_quick.json``).
+dtype, one row per model and shape; ``--quick`` writes
+``adv_train_step_<backend>_quick.json``).
 """
 
 from __future__ import annotations
@@ -103,9 +123,18 @@ from tsjax.train import classifier as clf  # noqa: E402
 
 MODELS = ("small_cnn", "preact_resnet18")
 BATCH = 128
-IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
-TRAIN_SIZE = 50_000 - 1_000     # CIFAR-10 train minus the config's num_val
+# Input shapes: (image shape, config variant, data set for mean / std,
+# training-set size after the config's num_val, row-name suffix).
+SHAPES = {
+    "cifar": ((32, 32, 3), "cifar10,pgd_at", "cifar10", 50_000 - 1_000, ""),
+    "fmnist": ((28, 28, 1), "fashion_mnist,pgd_at", "fashion_mnist",
+               60_000 - 5_000, "_28x28x1"),
+}
+DEFAULT_SHAPES = {"small_cnn": ("cifar", "fmnist"),
+                  "preact_resnet18": ("cifar",)}
+LAYOUTS = ("nchw", "channels_last")
+ROW_ORDER = tuple(m + SHAPES[s][4] for m in MODELS for s in SHAPES)
 QUICK = {"models": "small_cnn", "repeats": 2, "steps_per_repeat": 1,
          "warmup": 1}
 CHECK_RTOL = 1e-4               # max abs error / max abs value, float32
@@ -129,6 +158,13 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=None,
                  help="untimed steps after compilation (default 2; "
                       f"{QUICK['warmup']} with --quick)")
+  p.add_argument("--shapes", default=None,
+                 help=f"comma-separated input shapes from {tuple(SHAPES)} "
+                      "for every model (default: small_cnn on both, "
+                      "preact_resnet18 on cifar)")
+  p.add_argument("--torch-layouts", default=",".join(LAYOUTS),
+                 help=f"PyTorch memory layouts timed, from {LAYOUTS}; the "
+                      "faster is the reference")
   p.add_argument("--batch", type=int, default=BATCH)
   p.add_argument("--bf16", action="store_true",
                  help="bfloat16 compute (tsjax model dtype, torch autocast)")
@@ -154,6 +190,17 @@ def parse_args(argv=None):
   bad = [m for m in a.models if m not in MODELS]
   if bad or not a.models:
     p.error(f"--models takes names from {MODELS}, got {bad or a.models}")
+  if a.shapes is not None:
+    a.shapes = [s.strip() for s in a.shapes.split(",") if s.strip()]
+    if not a.shapes or any(s not in SHAPES for s in a.shapes):
+      p.error(f"--shapes takes names from {tuple(SHAPES)}, got {a.shapes}")
+  a.cases = [(m, s) for m in a.models
+             for s in (a.shapes or DEFAULT_SHAPES[m])]
+  a.torch_layouts = [s.strip() for s in a.torch_layouts.split(",")
+                     if s.strip()]
+  if not a.torch_layouts or any(s not in LAYOUTS for s in a.torch_layouts):
+    p.error(f"--torch-layouts takes names from {LAYOUTS}, got "
+            f"{a.torch_layouts}")
   for name, default in (("repeats", 5), ("warmup", 2)):
     if getattr(a, name) is None:
       setattr(a, name, QUICK[name] if a.quick else default)
@@ -175,11 +222,18 @@ def steps_per_repeat(args, model_name: str, on_cpu: bool) -> int:
 
 
 # ------------------------------------------------------------ torch models
-def torch_model(name, mean, std):
+def torch_model(name, mean, std, image_shape):
+  h, w, c = image_shape
   if name == "small_cnn":
-    return TorchSmallCNN(NUM_CLASSES, mean=mean, std=std)
-  return TorchResNet18(NUM_CLASSES, preact=True, final_bn=True, mean=mean,
-                       std=std)
+    return TorchSmallCNN(NUM_CLASSES, in_channels=c, hw=(h, w), mean=mean,
+                         std=std)
+  return TorchResNet18(NUM_CLASSES, preact=True, final_bn=True,
+                       in_channels=c, mean=mean, std=std)
+
+
+def memory_format(layout: str):
+  return torch.channels_last if layout == "channels_last" else \
+      torch.contiguous_format
 
 
 # ------------------------------------------------ tsjax -> torch weights
@@ -251,8 +305,10 @@ def count_torch(model) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------- the steps
-def tsjax_config(model_name: str):
-  c = get_config("cifar10,pgd_at")   # eps 8/255, step 2/255, 10 steps, eval BN
+def tsjax_config(model_name: str, variant: str = "cifar10,pgd_at"):
+  # cifar10: eps 8/255, step 2/255, lr 0.1; fashion_mnist: eps 0.1, step
+  # 0.025, lr 0.05; both 10 steps, eval-mode attack.
+  c = get_config(variant)
   c.augment = ""                     # no augmentation: only the PGD-AT step
   c.model.name = model_name
   c.train.batch_size = BATCH
@@ -260,16 +316,17 @@ def tsjax_config(model_name: str):
   return c
 
 
-def build_tsjax(model_name, mean, std, dtype, key):
-  config = tsjax_config(model_name)
+def build_tsjax(model_name, mean, std, dtype, key, shape="cifar"):
+  image_shape, variant, _, train_size, _ = SHAPES[shape]
+  config = tsjax_config(model_name, variant)
   kwargs = {"dtype": jnp.bfloat16} if dtype == "bfloat16" else {}
   model = models.get_model(model_name, num_classes=NUM_CLASSES, mean=mean,
                            std=std, **kwargs)
-  models.check_input_shape(model, IMAGE_SHAPE)
+  models.check_input_shape(model, image_shape)
   optimizer, _ = clf.make_optimizer(config.train,
-                                    TRAIN_SIZE // config.train.batch_size)
+                                    train_size // config.train.batch_size)
   k_init, k_train = jax.random.split(key)
-  params, model_state = clf.init_model(model, k_init, IMAGE_SHAPE)
+  params, model_state = clf.init_model(model, k_init, image_shape)
   step = clf.jit_train_step(
       with_augmentation(method_loss(config, model), config, NUM_CLASSES),
       optimizer)
@@ -340,12 +397,14 @@ def sync(device):
 
 # ------------------------------------------------------------------- checks
 def check_agreement(name, model_f32, params, model_state, tmodel, images_f,
-                    labels, device) -> dict:
-  """Clean logits (eval and train BN) and d(sum CE)/dx agree, float32."""
+                    labels, device, layout: str = "nchw") -> dict:
+  """Clean logits (eval and train BN) and d(sum CE)/dx agree, float32 (the
+  PyTorch model and inputs in ``layout``)."""
   x_j = jnp.asarray(images_f)
   y_j = jnp.asarray(labels)
   x_t = torch.from_numpy(np.ascontiguousarray(
-      images_f.transpose(0, 3, 1, 2))).to(device)
+      images_f.transpose(0, 3, 1, 2))).to(device).contiguous(
+          memory_format=memory_format(layout))
   y_t = torch.from_numpy(labels.astype(np.int64)).to(device)
   variables = {"params": params, **model_state}
 
@@ -404,7 +463,7 @@ def check_agreement(name, model_f32, params, model_state, tmodel, images_f,
              np.asarray(per_ex) <= CHECK_RTOL)),
          "logits_eval_max_abs": float(np.max(np.abs(j_eval))),
          "examples": int(len(j_grad)),
-         "tolerance": CHECK_RTOL}
+         "tolerance": CHECK_RTOL, "layout": layout}
   out["ok"] = (out["logits_eval_rel_err"] <= CHECK_RTOL and
                out["logits_train_rel_err"] <= CHECK_RTOL and
                out["input_grad_examples_within_tol"] >= GRAD_FRACTION)
@@ -498,55 +557,67 @@ def breakdown(model_name, model, params, model_state, tstep, x_u8_j, y_j,
   return out
 
 
-def bench_model(name, args, torch_device) -> dict:
+def bench_model(name, args, torch_device, shape="cifar") -> dict:
   on_cpu = jax.default_backend() == "cpu"
   n_steps = steps_per_repeat(args, name, on_cpu)
   dtype = "bfloat16" if args.bf16 else "float32"
-  mean, std = images._STATS["cifar10"]
+  image_shape, _, stats_name, _, suffix = SHAPES[shape]
+  row_name = name + suffix
+  mean, std = images._STATS[stats_name]
   key = jax.random.key(args.seed)
   t0 = time.perf_counter()
   config, model, params, model_state, step, make_state = build_tsjax(
-      name, mean, std, dtype, key)
+      name, mean, std, dtype, key, shape)
   attack = attack_spec(config)
 
   rng = np.random.default_rng(args.seed)
-  imgs = rng.integers(0, 256, (args.batch, *IMAGE_SHAPE), dtype=np.uint8)
+  imgs = rng.integers(0, 256, (args.batch, *image_shape), dtype=np.uint8)
   labels = rng.integers(0, NUM_CLASSES, (args.batch,)).astype(np.int32)
   batch = {"image": jax.device_put(imgs), "label": jax.device_put(labels)}
-  x_u8_t = torch.from_numpy(np.ascontiguousarray(
+  x_u8_nchw = torch.from_numpy(np.ascontiguousarray(
       imgs.transpose(0, 3, 1, 2))).to(torch_device)
   y_t = torch.from_numpy(labels.astype(np.int64)).to(torch_device)
 
-  tmodel = torch_model(name, mean, std)
-  tmodel.load_state_dict(torch_state_dict(name, params, model_state))
-  tmodel.to(torch_device)
   n_params_j = count_tsjax(params)
   n_stats_j = count_tsjax(model_state)
-  n_params_t, n_stats_t = count_torch(tmodel)
-  counts_ok = (n_params_j, n_stats_j) == (n_params_t, n_stats_t)
-  print(f"\n{name}: {n_params_j:,} parameters (torch {n_params_t:,}), "
-        f"{n_stats_j:,} BN statistics (torch {n_stats_t:,})", flush=True)
-  if not counts_ok:
-    raise SystemExit(f"{name}: parameter counts differ; not timing "
-                     "different architectures")
-  check = None
+  f32_model = None
   if not args.skip_check:
     f32_model = models.get_model(name, num_classes=NUM_CLASSES, mean=mean,
                                  std=std)
-    check = check_agreement(name, f32_model, params, model_state, tmodel,
-                            imgs[:32].astype(np.float32) / 255.0, labels[:32],
-                            torch_device)
-    print(f"  architecture check (32 images, float32): logits eval rel err "
-          f"{check['logits_eval_rel_err']:.1e}, train "
-          f"{check['logits_train_rel_err']:.1e}, d(CE)/dx median per "
-          f"example {check['input_grad_median_example_rel_err']:.1e} "
-          f"({100 * check['input_grad_examples_within_tol']:.0f}% of examples"
-          f" within {CHECK_RTOL:g}; max {check['input_grad_rel_err']:.1e}) -> "
-          f"{'ok' if check['ok'] else 'MISMATCH'}", flush=True)
-    if not check["ok"]:
-      raise SystemExit(f"{name}: tsjax and torch models disagree beyond "
-                       f"{CHECK_RTOL}; not timing different architectures")
-  tstep = TorchAdvStep(tmodel, attack, config.train, torch_device, args.bf16)
+  tsteps, x_u8, checks = {}, {}, {}
+  for layout in args.torch_layouts:
+    fmt = memory_format(layout)
+    tmodel = torch_model(name, mean, std, image_shape)
+    tmodel.load_state_dict(torch_state_dict(name, params, model_state))
+    tmodel.to(torch_device)
+    tmodel = tmodel.to(memory_format=fmt)
+    n_params_t, n_stats_t = count_torch(tmodel)
+    print(f"\n{row_name} ({'x'.join(map(str, image_shape))}), torch "
+          f"{layout}: {n_params_j:,} parameters (torch {n_params_t:,}), "
+          f"{n_stats_j:,} BN statistics (torch {n_stats_t:,})", flush=True)
+    if (n_params_j, n_stats_j) != (n_params_t, n_stats_t):
+      raise SystemExit(f"{row_name}: parameter counts differ; not timing "
+                       "different architectures")
+    if not args.skip_check:
+      check = check_agreement(name, f32_model, params, model_state, tmodel,
+                              imgs[:32].astype(np.float32) / 255.0,
+                              labels[:32], torch_device, layout)
+      print(f"  architecture check (32 images, float32, torch {layout}): "
+            f"logits eval rel err {check['logits_eval_rel_err']:.1e}, train "
+            f"{check['logits_train_rel_err']:.1e}, d(CE)/dx median per "
+            f"example {check['input_grad_median_example_rel_err']:.1e} "
+            f"({100 * check['input_grad_examples_within_tol']:.0f}% of "
+            f"examples within {CHECK_RTOL:g}; max "
+            f"{check['input_grad_rel_err']:.1e}) -> "
+            f"{'ok' if check['ok'] else 'MISMATCH'}", flush=True)
+      if not check["ok"]:
+        raise SystemExit(f"{row_name}: tsjax and torch ({layout}) models "
+                         f"disagree beyond {CHECK_RTOL}; not timing "
+                         "different architectures")
+      checks[layout] = check
+    tsteps[layout] = TorchAdvStep(tmodel, attack, config.train, torch_device,
+                                  args.bf16)
+    x_u8[layout] = x_u8_nchw.contiguous(memory_format=fmt)
   setup_s = time.perf_counter() - t0
 
   # ---- compile + warm-up (untimed)
@@ -558,15 +629,18 @@ def bench_model(name, args, torch_device) -> dict:
   for _ in range(args.warmup):
     state, metrics = step(state, batch, None)
   jax.block_until_ready(state)
-  t0 = time.perf_counter()
-  torch.manual_seed(args.seed)
-  for _ in range(max(args.warmup, 1)):
-    tloss = tstep(x_u8_t, y_t)
-  sync(torch_device)
-  torch_warm_s = time.perf_counter() - t0
+  tloss, torch_warm_s = {}, {}
+  for layout, tstep in tsteps.items():
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    for _ in range(max(args.warmup, 1)):
+      tloss[layout] = tstep(x_u8[layout], y_t)
+    sync(torch_device)
+    torch_warm_s[layout] = time.perf_counter() - t0
   print(f"  tsjax compile + first step {compile_s:.1f} s; torch warm-up "
-        f"({max(args.warmup, 1)} steps) {torch_warm_s:.1f} s; timing "
-        f"{args.repeats} x {n_steps} steps each", flush=True)
+        f"({max(args.warmup, 1)} steps) " + ", ".join(
+            f"{k} {v:.1f} s" for k, v in torch_warm_s.items()) +
+        f"; timing {args.repeats} x {n_steps} steps each", flush=True)
 
   def run_tsjax():
     nonlocal state, metrics
@@ -574,45 +648,62 @@ def bench_model(name, args, torch_device) -> dict:
       state, metrics = step(state, batch, None)
     return state
 
-  def run_torch():
-    nonlocal tloss
+  def run_torch(layout):
     for _ in range(n_steps):
-      tloss = tstep(x_u8_t, y_t)
-    return tloss
+      tloss[layout] = tsteps[layout](x_u8[layout], y_t)
+    return tloss[layout]
 
-  t_j, t_t = [], []
+  t_j, t_t = [], {k: [] for k in tsteps}
   for r in range(args.repeats):   # interleaved
     t_j.append(_time(run_tsjax, jax.block_until_ready) / n_steps)
-    t_t.append(_time(run_torch, lambda _: sync(torch_device)) / n_steps)
+    for layout in tsteps:
+      t_t[layout].append(_time(lambda: run_torch(layout),
+                               lambda _: sync(torch_device)) / n_steps)
     print(f"  repeat {r + 1}/{args.repeats}: tsjax {1e3 * t_j[-1]:8.1f} "
-          f"ms/step   torch {1e3 * t_t[-1]:8.1f} ms/step", flush=True)
-  med_j, med_t = statistics.median(t_j), statistics.median(t_t)
+          f"ms/step   torch " + "   ".join(
+              f"{k} {1e3 * v[-1]:8.1f}" for k, v in t_t.items()) +
+          " ms/step", flush=True)
+  med_j = statistics.median(t_j)
+  med_t = {k: statistics.median(v) for k, v in t_t.items()}
+  ref = min(med_t, key=med_t.get)
   row = {
-      "model": name,
+      "model": row_name,
+      "architecture": name,
+      "shape": shape,
+      "image_shape": list(image_shape),
+      "config_variant": SHAPES[shape][1],
       "tsjax_ms": 1e3 * med_j,
-      "torch_ms": 1e3 * med_t,
-      "speedup": med_t / med_j,
+      "torch_ms": 1e3 * med_t[ref],
+      "torch_layout": ref,
+      "speedup": med_t[ref] / med_j,
+      "torch_by_layout_ms": {k: 1e3 * v for k, v in med_t.items()},
+      "speedup_vs_nchw": (med_t["nchw"] / med_j) if "nchw" in med_t else None,
       "tsjax_min_ms": 1e3 * min(t_j),
-      "torch_min_ms": 1e3 * min(t_t),
+      "torch_min_ms": 1e3 * min(t_t[ref]),
       "tsjax_all_ms": [1e3 * t for t in t_j],
-      "torch_all_ms": [1e3 * t for t in t_t],
+      "torch_all_ms": [1e3 * t for t in t_t[ref]],
+      "torch_all_ms_by_layout": {k: [1e3 * t for t in v]
+                                 for k, v in t_t.items()},
       "steps_per_repeat": n_steps,
       "params": n_params_j,
       "bn_statistics": n_stats_j,
-      "check": check,
+      "check": checks.get(ref),
+      "checks_by_layout": checks or None,
       "tsjax_compile_s": compile_s,
       "setup_s": setup_s,
       "final_loss_tsjax": float(metrics["loss"]),
-      "final_loss_torch": float(tloss),
-      "finite": bool(metrics["finite"]) and bool(torch.isfinite(tloss)),
+      "final_loss_torch": float(tloss[ref]),
+      "finite": bool(metrics["finite"]) and all(
+          bool(torch.isfinite(v)) for v in tloss.values()),
       "tsjax_steps_run": int(state.step),
   }
   if args.breakdown:
-    print("  breakdown (median of repeats; each piece timed alone):",
-          flush=True)
+    print(f"  breakdown (median of repeats; each piece timed alone; torch "
+          f"{ref}):", flush=True)
     row["breakdown"] = breakdown(
-        name, model, state.params, state.model_state, tstep, batch["image"],
-        batch["label"], x_u8_t, y_t, attack, torch_device, args.repeats)
+        name, model, state.params, state.model_state, tsteps[ref],
+        batch["image"], batch["label"], x_u8[ref], y_t, attack, torch_device,
+        args.repeats)
   return row
 
 
@@ -621,13 +712,16 @@ def print_table(result: dict) -> None:
   print(f"\nPGD-10 adversarial-training step, batch {result['batch']}, "
         f"{result['dtype']}, backend {result['backend']}, median of "
         f"{result['repeats']} repeats:")
-  hdr = (f"{'model':<16} | {'tsjax ms/step':>13} | {'torch ms/step':>13} | "
-         f"{'speed-up (torch/tsjax)':>22}")
+  layouts = result["torch_layouts"]
+  hdr = (f"{'model':<24} | {'tsjax ms/step':>13} | " + " | ".join(
+      f"{'torch ' + k:>19}" for k in layouts) +
+         f" | {'speed-up vs faster torch':>24}")
   print(hdr)
   print("-" * len(hdr))
   for r in result["rows"]:
-    print(f"{r['model']:<16} | {r['tsjax_ms']:>13.1f} | {r['torch_ms']:>13.1f}"
-          f" | {r['speedup']:>21.2f}x")
+    print(f"{r['model']:<24} | {r['tsjax_ms']:>13.1f} | " + " | ".join(
+        f"{r['torch_by_layout_ms'][k]:>19.1f}" for k in layouts) +
+          f" | {r['speedup']:>10.2f}x ({r['torch_layout']})")
 
 
 def save(result: dict, machine: dict, args) -> pathlib.Path:
@@ -635,7 +729,7 @@ def save(result: dict, machine: dict, args) -> pathlib.Path:
   run_key = result["dtype"]
   if result["torch_threads"] != os.cpu_count():
     run_key += f"_torch{result['torch_threads']}threads"
-  merge_rows(data, run_key, result, machine, command, "model", MODELS)
+  merge_rows(data, run_key, result, machine, command, "model", ROW_ORDER)
   return write_results(path, data)
 
 
@@ -656,19 +750,24 @@ def main(argv=None) -> None:
         f"batch {args.batch}, load average {machine['loadavg_before']}",
         flush=True)
   t0 = time.perf_counter()
-  rows = [bench_model(name, args, torch_device) for name in args.models]
+  rows = [bench_model(name, args, torch_device, shape)
+          for name, shape in args.cases]
   machine["loadavg_after"] = loadavg()
   result = {
       "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
-      "dtype": dtype, "batch": args.batch, "image_shape": list(IMAGE_SHAPE),
+      "dtype": dtype, "batch": args.batch,
+      "shapes": {s: list(SHAPES[s][0]) for s in dict.fromkeys(
+          s for _, s in args.cases)},
       "num_classes": NUM_CLASSES, "backend": jax.default_backend(),
       "repeats": args.repeats, "warmup": args.warmup,
-      "step": "PGD-10 L-inf eps 8/255 step 2/255 uniform start, eval-mode "
-              "attack, train-mode CE, SGD lr 0.1 momentum 0.9 wd 5e-4",
+      "step": "PGD-10 L-inf, uniform start, eval-mode attack, train-mode "
+              "CE, SGD momentum 0.9 wd 5e-4; cifar shape: eps 8/255 step "
+              "2/255 lr 0.1; fmnist shape: eps 0.1 step 0.025 lr 0.05",
       "timing": "median (and min) over repeats of per-step wall time; "
-                "compilation and warm-up excluded; tsjax and torch "
-                "interleaved",
+                "compilation and warm-up excluded; tsjax and every torch "
+                "layout interleaved; speed-up against the faster layout",
+      "torch_layouts": args.torch_layouts,
       "torch_threads": torch.get_num_threads(),
       "total_s": time.perf_counter() - t0,
       "rows": rows,
