@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tsjax import config_checks as cc
-from tsjax import losses, methods, models
+from tsjax import methods, models
 from tsjax.data import images as image_data
 from tsjax.data import subspace
 from tsjax.methods import kd, offsubspace
