@@ -237,6 +237,13 @@ def test_layer_pairing_errors_and_pooled_across_resolutions():
   st = isp.image_correlations(teacher, tv, student, stacked, x,
                               layers=[(0, 1)], conv_samples="pooled")
   assert st[0].cross.shape == (1, 3, 8)
+  # A model with list fields (unhashable, as a command-line override can
+  # build it) is jitted per call instead of cached: same numbers.
+  listed = models.get_model("small_cnn", num_classes=3, features=[3, 4],
+                            hidden=5, mean=(0.5,), std=(0.25,))
+  st2 = isp.image_correlations(listed, tv, student, stacked, x,
+                               layers=[(0, 1)], conv_samples="pooled")
+  np.testing.assert_allclose(st2[0].cross, st[0].cross, rtol=1e-6)
   with pytest.raises(ValueError, match="not of one kind"):
     isp.image_correlations(teacher, tv, student, stacked, x, layers=[(0, 2)])
   with pytest.raises(ValueError, match="out of range"):

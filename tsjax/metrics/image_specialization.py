@@ -133,12 +133,9 @@ def layer_pairs(teacher_shapes: Sequence[tuple], student_shapes: Sequence[tuple]
   return tuple(pairs)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "teacher", "student", "pairs", "batch_size", "conv_samples", "dtype",
-    "per_student_images"))
-def _correlations(teacher_variables, student_variables, images, *, teacher,
-                  student, pairs, batch_size, conv_samples, dtype,
-                  per_student_images):
+def _correlations_impl(teacher_variables, student_variables, images, *,
+                       teacher, student, pairs, batch_size, conv_samples,
+                       dtype, per_student_images):
   def one(s_vars, xs):
     def acts(xb):
       xb = _as_float(xb, dtype)
@@ -150,6 +147,24 @@ def _correlations(teacher_variables, student_variables, images, *, teacher,
 
   return jax.vmap(one, in_axes=(0, 0 if per_student_images else None))(
       student_variables, images)
+
+
+_STATIC = ("teacher", "student", "pairs", "batch_size", "conv_samples",
+           "dtype", "per_student_images")
+_correlations_cached = jax.jit(_correlations_impl, static_argnames=_STATIC)
+
+
+def _correlations(teacher_variables, student_variables, images, **static):
+  """The jitted streamed statistics; compiled once per models / shapes when
+  the models hash (tuples as fields), else jitted afresh for this call
+  (a model built with list fields, e.g. from a command-line override)."""
+  try:
+    hash((static["teacher"], static["student"]))
+  except TypeError:
+    return jax.jit(functools.partial(_correlations_impl, **static))(
+        teacher_variables, student_variables, images)
+  return _correlations_cached(teacher_variables, student_variables, images,
+                              **static)
 
 
 def _shapes(model, variables, x):
