@@ -12,7 +12,7 @@ so an installed tsjax reaches them without a clone::
 import importlib
 import os
 
-NAMES = ("teacher_student", "adv_train", "distill", "evaluate")
+NAMES = ("teacher_student", "adv_train", "distill", "evaluate", "specialization")
 
 
 def path(name: str) -> str:

@@ -52,8 +52,10 @@ CANDIDATES = ("last", "best", "ema", "swa")
 
 
 # ----------------------------------------------------------------- checking
-def validate(config) -> None:
-  """Every config check that needs no data and compiles nothing."""
+def validate(config, *, teacher_trained: bool = True) -> None:
+  """Every config check that needs no data and compiles nothing
+  (``teacher_trained=False``: the teacher's work dir is made later, by the
+  same program, so only its fields are checked, not its files)."""
   cc.check_number(config, "seed", low=0, integer=True)
   images.check_name(config)
   for f in ("data.num_val", "data.train_subset", "data.test_subset"):
@@ -75,12 +77,12 @@ def validate(config) -> None:
     raise cc.ConfigError("config field 'augment': mixup / cutmix give soft "
                          "labels, which CCAT's targets do not take")
   if method.needs_teacher:
-    _validate_teacher(config)
+    _validate_teacher(config, teacher_trained)
   _validate_train(config.train)
   _validate_eval(config)
 
 
-def _validate_teacher(config) -> None:
+def _validate_teacher(config, trained: bool = True) -> None:
   ck = config.teacher.get("checkpoint")
   tk = config.teacher.get("torch_checkpoint")
   if bool(ck) == bool(tk):
@@ -89,10 +91,10 @@ def _validate_teacher(config) -> None:
         f"config fields 'teacher.checkpoint' (work dir of an experiments.train"
         f" run) and 'teacher.torch_checkpoint' (a PyTorch state_dict file); "
         f"got {ck!r} and {tk!r}")
-  if ck and not os.path.isdir(ck):
+  if ck and trained and not os.path.isdir(ck):
     raise cc.ConfigError(f"config field 'teacher.checkpoint': no such "
                          f"directory {ck!r}")
-  if ck and not os.path.exists(os.path.join(ck, "config.json")):
+  if ck and trained and not os.path.exists(os.path.join(ck, "config.json")):
     raise cc.ConfigError(f"config field 'teacher.checkpoint': {ck!r} is not "
                          f"a work dir of experiments.train (no config.json)")
   if tk and not os.path.exists(tk):

@@ -109,6 +109,12 @@ def pgd(loss_fn: LossFn, x: jax.Array, key: jax.Array, *, eps, step_size,
       instead (TRADES / RSLAD / PeerAiD use 0.001), then project.
     bounds: optional ``(low, high)`` box for ``x_adv``.
     U, restrict: optional subspace restriction (see ``tsjax.attacks.norms``).
+      With ``bounds`` too, the perturbation is kept in both by shrinking it
+      radially toward ``x`` (``norms.fit_box``), so the restricted component
+      stays exactly zero; where ``x`` sits on the box (saturated pixels, e.g.
+      Fashion-MNIST's black background) the shrink factor can be 0 and the
+      attack does not move. For subspace attacks on such images pass
+      ``bounds=None`` (the models take any float input).
     keep_best: return the best iterate (incl. the start and the last) rather
       than the last one.
     return_loss: also return the per-example loss at the returned point.

@@ -54,8 +54,12 @@ def model_from_config(cfg, num_classes: int | None = None):
     mean, std = (0.0,), (1.0,)
   num_classes = num_classes or images.dataset_num_classes(cfg.data.name,
                                                           data_dir)
+  # config.json stores tuples as lists; modules must stay hashable (jit
+  # static arguments, the compiled-attack caches).
+  kwargs = {k: tuple(v) if isinstance(v, list) else v
+            for k, v in cfg.model.kwargs.to_dict().items()}
   return models.get_model(cfg.model.name, num_classes=num_classes, mean=mean,
-                          std=std, **cfg.model.kwargs.to_dict())
+                          std=std, **kwargs)
 
 
 def load_run(run_dir: str, which: str = "best"):

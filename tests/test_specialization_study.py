@@ -1,0 +1,97 @@
+"""The specialization study on real images (experiments/specialization.py):
+the smoke variant end to end, resuming, the same rows from the same runs, and
+config errors before anything trains."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import specialization as study
+from tsjax.config_checks import ConfigError
+from tsjax.configs import specialization as configs
+from tsjax.data import images
+from tsjax.metrics import stats
+
+needs_fmnist = pytest.mark.skipif(
+    not os.path.isdir(images.DEFAULT_FASHION_MNIST_DIR),
+    reason=f"needs `{images.FASHION_MNIST_APT}`")
+
+
+@needs_fmnist
+def test_smoke_study_end_to_end_and_resume(tmp_path):
+  c = configs.get_config("fashion_mnist,smoke")
+  out = study.run(c, str(tmp_path))
+  rows = out["rows"]
+  assert [(r["method"], r["seed"]) for r in rows] == [
+      (m, s) for s in c.seeds for m in c.methods]
+  for r in rows:
+    assert r["k"] == out["k"] and 1 <= r["k"] < 784
+    for name in ("clean_acc", "pgd_acc", "pgd_in_acc", "pgd_orth_acc"):
+      assert 0.0 <= r[name] <= 1.0
+    # An attack is no help to the model: unrestricted PGD searches a ball
+    # that contains both restricted ones' (same radius, same steps).
+    assert r["pgd_acc"] <= r["clean_acc"]
+    assert r["num_layers"] == 3        # small CNN: conv1, conv2, fc1
+    for kind in study.KINDS:
+      for li in range(3):
+        assert 0.0 < r[f"spec_{kind}/layer{li}"] <= 1.0 + 1e-6
+        per_unit = np.asarray(r[f"success_{kind}/layer{li}"])
+        # the summary's mean over teacher units (dead units left out)
+        assert per_unit.max() <= 1.0 + 1e-6
+    assert len(r["success_clean/layer0"]) == c.teacher.kwargs.features[0]
+  for f in ("summary.md", "specialization_vs_robustness.png",
+            "success_per_unit.png", "results.jsonl"):
+    assert os.path.getsize(tmp_path / f) > 0
+  text = (tmp_path / "summary.md").read_text()
+  assert "| clean | 2 | all | 3 |" in text
+  corr = study.correlations(rows, c)
+  want = stats.spearman([r["spec_clean/layer2"] for r in rows],
+                        [r["pgd_acc"] for r in rows])
+  got = [x for x in corr if (x["kind"], x["layer"], x["runs"]) ==
+         ("clean", 2, "all")][0]["rho"]
+  np.testing.assert_allclose(got, want)
+  # Resuming trains nothing and measures nothing again...
+  mtimes = {d: os.path.getmtime(tmp_path / d / "results.json")
+            for d in ("teacher", "standard_s0", "kd_s0")}
+  again = study.run(c, str(tmp_path))
+  assert again["rows"] == rows
+  assert mtimes == {d: os.path.getmtime(tmp_path / d / "results.json")
+                    for d in mtimes}
+  # ...and measuring the same runs again gives the same rows.
+  os.remove(tmp_path / "results.jsonl")
+  remeasured = study.run(c, str(tmp_path))["rows"]
+  assert json.dumps(remeasured, sort_keys=True) == json.dumps(rows,
+                                                              sort_keys=True)
+
+
+def test_config_errors_before_training(tmp_path):
+  c = configs.get_config("fashion_mnist,smoke")
+  c.methods = ("standard", "nope")
+  with pytest.raises(ConfigError, match="'methods' names 'nope'"):
+    study.run(c, str(tmp_path))
+  c = configs.get_config("fashion_mnist,smoke")
+  c.student.overrides.train.no_such_field = 1
+  with pytest.raises(ConfigError, match="'student.overrides' sets "
+                     r"\['train.no_such_field'\]"):
+    study.run(c, str(tmp_path))
+  c = configs.get_config("fashion_mnist,smoke")
+  c.eval.conv_samples = "mean"
+  with pytest.raises(ConfigError, match="eval.conv_samples"):
+    study.run(c, str(tmp_path))
+  assert not os.path.exists(tmp_path / "teacher")
+  with pytest.raises(ValueError, match="unknown variant"):
+    configs.get_config("cifar10")
+
+
+def test_student_is_the_teacher_widened():
+  c = configs.get_config("fashion_mnist")
+  kw = study.student_kwargs(c)
+  assert kw == {"features": (16, 32), "hidden": 64}
+  s = study.student_config(c, "ard", 3, "/teacher")
+  assert (s.seed, s.teacher.checkpoint, s.model.kwargs.hidden) == (
+      3, "/teacher", 64)
+  assert s.data.train_subset == c.student.overrides.data.train_subset
+  t = study.teacher_config(c)
+  assert t.method.name == "pgd_at" and t.model.kwargs.features == (8, 16)
