@@ -52,7 +52,7 @@ def get_config(arg: str = "fashion_mnist") -> ml_collections.ConfigDict:
   c.dataset = "fashion_mnist"
   c.data_dir = ml_collections.FieldReference(None, field_type=str)
   c.methods = METHODS
-  c.seeds = (0, 1)
+  c.seeds = (0, 1, 2)
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.model = "small_cnn"
