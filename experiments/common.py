@@ -134,6 +134,28 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> list:
   return missing
 
 
+# JAX's persistent compilation cache for experiments launched from the
+# command line (``--compilation_cache``): a rerun, a resumed run or another
+# config with the same programs loads them instead of compiling again.
+COMPILATION_CACHE = os.path.join("~", ".cache", "tsjax", "jax_compilation_cache")
+
+
+def enable_compilation_cache(path: str | None) -> str | None:
+  """Turns JAX's persistent compilation cache on at ``path`` (``~`` is
+  expanded); ``None``, ``""`` or ``"off"``: left off. A cache already set
+  (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``) wins. Returns the
+  directory in use (or None)."""
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  if not path or path == "off":
+    return None
+  path = os.path.expanduser(path)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
+
+
 def launch(name: str, run, default_config: str, config_help: str,
            default_variant: str = "") -> None:
   """The command line of an experiment module (flax-example style):
@@ -157,13 +179,18 @@ def launch(name: str, run, default_config: str, config_help: str,
   flags.DEFINE_string("workdir", None,
                       f"Output directory (default: runs/{name}_<variant>_"
                       "<config hash>; the same config resumes there).")
-  for flag in ("config", "workdir"):   # list them in --help as the module's
+  flags.DEFINE_string(
+      "compilation_cache", COMPILATION_CACHE,
+      "JAX persistent compilation cache directory ('off' to disable; the "
+      "JAX_COMPILATION_CACHE_DIR environment variable takes precedence).")
+  for flag in ("config", "workdir", "compilation_cache"):  # in --help
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag])
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)   # Orbax logs every save at INFO
+    enable_compilation_cache(flags.FLAGS.compilation_cache)
     config = flags.FLAGS.config
     arg = config_arg_from_argv(sys.argv, default=default_variant)
     workdir = flags.FLAGS.workdir or default_workdir(name, arg, config)

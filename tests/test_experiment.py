@@ -113,16 +113,22 @@ def _cli(workdir, *extra):
 
 def test_cli_overrides_and_bad_field(tmp_path):
   env = {**os.environ, "XLA_FLAGS": ""}
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  cache = tmp_path / "cache"
   p = subprocess.run(_cli(tmp_path / "ok", "--config.train.steps=60",
                           "--config.checkpoint_every=30",
-                          "--config.regimes=standard,offsubspace"),
+                          "--config.regimes=standard,offsubspace",
+                          f"--compilation_cache={cache}"),
                      cwd=ROOT, env=env, capture_output=True, text=True,
                      timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
+  # The persistent compilation cache is on (here in a directory of ours).
+  assert len(os.listdir(cache)) > 0
   rows = [json.loads(l) for l in open(tmp_path / "ok" / "results.jsonl")]
   assert {r["regime"] for r in rows} == {"standard", "offsubspace"}
   assert rows[0]["config"]["train"]["steps"] == 60
-  bad = subprocess.run(_cli(tmp_path / "bad", "--config.adv.eps_frac=-1"),
+  bad = subprocess.run(_cli(tmp_path / "bad", "--config.adv.eps_frac=-1",
+                            "--compilation_cache=off"),
                        cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
   assert bad.returncode != 0
