@@ -48,9 +48,13 @@ class AttackSpec:
   """An inner maximisation in input units (images: pixels in [0, 1]).
 
   ``bn_mode``: batch-norm mode of the attacked network, ``"eval"`` (running
-  statistics, no update) or ``"train"`` (batch statistics, and every attack
-  step updates the running statistics, as the ARD / IAD reference code does
-  by attacking a network in train mode). ``keep_best``: return the iterate
+  statistics, no update) or ``"train"`` (batch statistics; where the method
+  attacks through ``tsjax.methods.common.attack_model``, as ARD, IAD and the
+  cross-entropy attacks do, every attack step also updates the running
+  statistics, as the ARD / IAD reference code does by attacking a network in
+  train mode; objectives that read the network through ``logits_fn``, e.g.
+  AdvFunMatch's inner KL, use batch statistics without updating them).
+  ``keep_best``: return the iterate
   with the highest objective rather than the last one. ``restrict`` with a
   basis ``U`` at run time: perturb only inside span(U) (``"in"``) or its
   complement (``"orth"``).

@@ -5,7 +5,8 @@ Inner maximisation ("mismatched examples"), per example:
 ``x* = argmax_{||x' - x||_p <= eps} KL(softmax(T(x')/tau) || softmax(S(x')/tau))``
 with *both* networks recomputed at ``x'`` (consistent teaching: the teacher
 gets the same point as the student), the student in ``attack.bn_mode``
-(eval by default) and the teacher in eval mode; the ascent direction is the
+(eval by default; "train" uses batch statistics and leaves the running ones
+as they are) and the teacher in eval mode; the ascent direction is the
 gradient through *both* networks (AdaAD's inner loss does not detach
 ``teacher_model(x_adv)``; neither network's variables get gradient); PGD from
 ``x + 0.001 N(0, I)`` (``attack.start_std``), ``attack.restarts`` random
