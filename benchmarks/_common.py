@@ -15,6 +15,7 @@ run adds or replaces its own entries.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -65,6 +66,25 @@ def uptime() -> str:
                           timeout=10).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return ""
+
+
+def installed_version(dist: str):
+  """A distribution's installed version without importing it (the
+  benchmarks that run PyTorch in a worker process keep it out of the JAX
+  driver), or None."""
+  try:
+    return importlib.metadata.version(dist)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def append_to_results_md(lines) -> pathlib.Path:
+  """Appends a section (lines of Markdown) to benchmarks/RESULTS.md."""
+  path = ROOT / "benchmarks" / "RESULTS.md"
+  with path.open("a") as f:
+    f.write("\n".join(lines) + "\n")
+  print(f"appended a section to {path.relative_to(ROOT)}")
+  return path
 
 
 def machine_info(torch_device=None) -> dict:

@@ -558,7 +558,7 @@ def _load(avg) -> str:
   return "n/a" if avg is None else " / ".join(f"{v:.1f}" for v in avg)
 
 
-def append_results_md(result, machine, command) -> None:
+def results_md_lines(result, machine, command) -> list:
   lines = [
       "", f"## Image run end to end on Fashion-MNIST (benchmarks/image_run.py),"
       f" {result['timestamp']}", "",
@@ -592,10 +592,7 @@ def append_results_md(result, machine, command) -> None:
                    f"{r['torch_acc']['clean/acc']:.4f} / "
                    f"{r['torch_acc']['pgd/acc']:.4f}" for r in result["rows"])
                + ".")
-  path = ROOT / "benchmarks" / "RESULTS.md"
-  with path.open("a") as f:
-    f.write("\n".join(lines) + "\n")
-  print(f"appended a section to {path.relative_to(ROOT)}")
+  return lines
 
 
 def _fmt(v):
@@ -608,14 +605,10 @@ def main(argv=None) -> None:
     torch_worker(args)
     return
   import jax
-  from _common import loadavg, machine_info, merge_rows, open_results, \
-      write_results
+  from _common import (append_to_results_md, installed_version, loadavg,
+                       machine_info, merge_rows, open_results, write_results)
   machine = machine_info()
-  try:
-    import importlib.metadata as md
-    machine["torch"] = md.version("torch")
-  except Exception:  # pragma: no cover
-    machine["torch"] = None
+  machine["torch"] = installed_version("torch")
   machine["loadavg_before"] = loadavg()
   print(f"image run: Fashion-MNIST, methods {args.methods}, {args.epochs} "
         f"epoch(s), overrides {args.overrides}; jax {jax.__version__} "
@@ -699,7 +692,7 @@ def main(argv=None) -> None:
         f"before/after {machine['loadavg_before']} / "
         f"{machine['loadavg_after']})")
   if not args.quick and not args.no_results_md:
-    append_results_md(result, machine, command)
+    append_to_results_md(results_md_lines(result, machine, command))
 
 
 if __name__ == "__main__":

@@ -718,8 +718,8 @@ def _load(avg) -> str:
   return "n/a" if avg is None else " / ".join(f"{v:.1f}" for v in avg)
 
 
-def append_results_md(result: dict, machine: dict, command: str) -> None:
-  """Appends this run's table (machine, command, ratios) to RESULTS.md."""
+def results_md_lines(result: dict, machine: dict, command: str) -> list:
+  """This run's RESULTS.md section (machine, command, ratios), as lines."""
   rows = result["rows"]
   lines = [
       "", "## Teacher–student protocol end to end "
@@ -748,10 +748,7 @@ def append_results_md(result: dict, machine: dict, command: str) -> None:
   verdict = "pass" if result["agreement_ok"] else "FAIL"
   lines.append(f"Agreement checks ({verdict}): " + "; ".join(
       f"{c['name']}: {c['detail']}" for c in result["agreement"]) + ".")
-  path = ROOT / "benchmarks" / "RESULTS.md"
-  with path.open("a") as f:
-    f.write("\n".join(lines) + "\n")
-  print(f"appended a section to {path.relative_to(ROOT)}")
+  return lines
 
 
 def main(argv=None) -> None:
@@ -760,14 +757,10 @@ def main(argv=None) -> None:
     torch_worker(args)
     return
   import jax
-  from _common import loadavg, machine_info, merge_rows, open_results, \
-      write_results
+  from _common import (append_to_results_md, installed_version, loadavg,
+                       machine_info, merge_rows, open_results, write_results)
   machine = machine_info()
-  try:
-    import importlib.metadata as md
-    machine["torch"] = md.version("torch")
-  except Exception:  # pragma: no cover
-    machine["torch"] = None
+  machine["torch"] = installed_version("torch")
   machine["loadavg_before"] = loadavg()
   t_all = time.perf_counter()
   n_max = max(args.seeds)
@@ -886,7 +879,7 @@ def main(argv=None) -> None:
         f"before/after {machine['loadavg_before']} / "
         f"{machine['loadavg_after']})")
   if not args.quick and not args.no_results_md and ok:
-    append_results_md(result, machine, command)
+    append_to_results_md(results_md_lines(result, machine, command))
   if not args.quick and not ok:
     raise SystemExit("the PyTorch and tsjax protocols disagree beyond the "
                      "loose checks; RESULTS.md not updated")
