@@ -157,14 +157,15 @@ def enable_compilation_cache(path: str | None) -> str | None:
 
 
 def launch(name: str, run, default_config: str, config_help: str,
-           default_variant: str = "") -> None:
+           default_variant: str = "", workdir_fn=None) -> None:
   """The command line of an experiment module (flax-example style):
   ``python -m experiments.NAME --config configs/NAME.py[:variant]
   [--config.field=value ...] [--workdir DIR]``.
 
   Defines ``--config`` (an ml_collections config file, locked) and
   ``--workdir`` (default ``runs/<name>_<variant>_<config hash>``, so the same
-  config resumes there), then calls ``run(config, workdir)``. The flags are
+  config resumes there; ``workdir_fn(config)`` gives another default), then
+  calls ``run(config, workdir)``. The flags are
   defined here, only when a module runs as a program, so the experiment
   modules can be imported together (tests, tables).
   """
@@ -193,7 +194,8 @@ def launch(name: str, run, default_config: str, config_help: str,
     enable_compilation_cache(flags.FLAGS.compilation_cache)
     config = flags.FLAGS.config
     arg = config_arg_from_argv(sys.argv, default=default_variant)
-    workdir = flags.FLAGS.workdir or default_workdir(name, arg, config)
+    workdir = flags.FLAGS.workdir or (
+        workdir_fn(config) if workdir_fn else default_workdir(name, arg, config))
     t0 = time.time()
     try:
       run(config, workdir)

@@ -22,26 +22,22 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-FLAGS = flags.FLAGS
-
-
-def define_flags():
-  """Command-line flags, defined only when run as a program (so the
-  experiment modules can be imported together, e.g. by tests)."""
-  config_flags.DEFINE_config_file("config", "configs/evaluate.py",
-                                  "Evaluation config.", lock_config=True)
-  flags.DEFINE_string("workdir", None,
-                      "Output directory (default: CHECKPOINT/eval_<which>).")
+from experiments import common
+from tsjax import config_checks as cc
+from tsjax.attacks import AttackSpec
+from tsjax.attacks.autoattack import VERSIONS
+from tsjax.data import images
+from tsjax.train import classifier as clf
+from tsjax.train import distributed
+from tsjax.train.teachers import load_run
 
 
 def load_classifier(run_dir: str, which: str = "best"):
   """``(model, params, model_state, train_config, test_set)`` of a run of
   experiments.train or experiments.distill (see tsjax.train.teachers)."""
-  from tsjax.data import images
-  from tsjax.train.teachers import load_run
   if not os.path.exists(os.path.join(run_dir, "config.json")):
     raise FileNotFoundError(
         f"config field 'checkpoint': {run_dir!r} is not a work dir of "
@@ -50,25 +46,24 @@ def load_classifier(run_dir: str, which: str = "best"):
   return model, params, ms, cfg, images.load_from_config(cfg, "test")
 
 
-def run(config, workdir: str, progress: bool = True) -> dict:
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
-
-  from experiments import common
-  from tsjax import config_checks as cc
-  from tsjax.attacks import AttackSpec
-  from tsjax.attacks.autoattack import VERSIONS
-  from tsjax.data import images
-  from tsjax.train import classifier as clf
-  from tsjax.train import distributed
-
+def validate(config) -> None:
+  """Every field, before anything is loaded or compiled."""
   if not config.checkpoint:
     raise cc.ConfigError("config field 'checkpoint' is required: the work dir "
                          "of an experiments.train run")
+  if not os.path.exists(os.path.join(config.checkpoint, "config.json")):
+    raise cc.ConfigError(
+        f"config field 'checkpoint': {config.checkpoint!r} is not a work dir "
+        f"of experiments.train or experiments.distill (no config.json there)")
+  cc.check_choice(config, "which", ("best", "last", "swa"))
   cc.check_choice(config, "norm", ("linf", "l2"))
   cc.check_choice(config, "aa_version", tuple(VERSIONS))
   for f in ("pgd_steps", "cw_steps", "batch_size"):
     cc.check_number(config, f, low=1, integer=True)
+
+
+def run(config, workdir: str, progress: bool = True) -> dict:
+  validate(config)
   distributed.initialize(config.get("distributed"))
   main = distributed.is_main_process()
   model, params, ms, tcfg, test = load_classifier(config.checkpoint,
@@ -135,16 +130,7 @@ def run(config, workdir: str, progress: bool = True) -> dict:
   return out
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  config = FLAGS.config
-  workdir = FLAGS.workdir or os.path.join(config.checkpoint or ".",
-                                          f"eval_{config.which}")
-  run(config, workdir)
-
-
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  common.launch("evaluate", run, "configs/evaluate.py", "Evaluation config.",
+                workdir_fn=lambda c: os.path.join(c.checkpoint or ".",
+                                                  f"eval_{c.which}"))

@@ -27,8 +27,20 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
+import jax
+import matplotlib.pyplot as plt
+import numpy as np
 from absl import logging
+from tqdm import tqdm
+
+from experiments import common
+from tsjax.metrics.stats import bootstrap_ci, spearman
+from tsjax.train import CheckpointStore, distributed, seed_keys, seed_sweep
+from tsjax.train import teacher_student as ts
+from tsjax.train.fit import format_seconds
+
 
 def run(config, workdir: str, *, progress: bool = True,
         stop_after_chunks: int | None = None) -> dict | None:
@@ -38,20 +50,8 @@ def run(config, workdir: str, *, progress: bool = True,
   ``stop_after_chunks`` stops after that many newly trained chunks (each
   followed by a checkpoint), as a kill would; the result is then ``None``.
   """
-  import time
-
-  import jax
   if config.dtype == "float64":
     jax.config.update("jax_enable_x64", True)
-  import numpy as np
-  from tqdm import tqdm
-
-  from experiments import common
-  from tsjax.train import CheckpointStore, seed_keys, seed_sweep
-  from tsjax.train import distributed
-  from tsjax.train import teacher_student as ts
-  from tsjax.train.fit import format_seconds
-
   study = ts.TeacherStudent(config)            # validates; nothing compiled yet
   distributed.initialize(config.get("distributed"))
   main = distributed.is_main_process()
@@ -62,12 +62,55 @@ def run(config, workdir: str, *, progress: bool = True,
   say(f"teacher-student study: {len(seeds)} seeds x {len(study.regimes)} "
       f"regimes on {jax.device_count()} {jax.default_backend()} device(s) "
       f"({distributed.describe()}); work dir {workdir}")
+  problems = seed_sweep(study.problem)(seed_keys(config.seed, config.num_seeds))
+  datasets = Datasets(study, config, problems)
+  states = train_all(study, config, workdir, problems, datasets, seeds, say,
+                     progress=progress and main,
+                     stop_after_chunks=stop_after_chunks)
+  if states is None:
+    return None
+  evaluate = seed_sweep(study.evaluate)
+  metrics = {}
+  for regime in study.regimes:
+    t_eval = time.time()
+    metrics[regime] = distributed.to_host(
+        evaluate(states[regime], problems, datasets.eval_inputs(regime, states)))
+    say(f"evaluation | {regime} | {time.time() - t_eval:.1f} s")
+  if main:
+    report(config, workdir, seeds, metrics)
+  return {"states": states, "metrics": metrics}
 
-  keys = seed_keys(config.seed, config.num_seeds)
-  problems = seed_sweep(study.problem)(keys)
+
+class Datasets:
+  """Each regime's training inputs: the problems' own (trained from their
+  low-rank form, ``train_data``), or the robust-feature set synthesised once
+  from the source regime's trained students."""
+
+  def __init__(self, study, config, problems):
+    self.study, self.config, self.problems, self._synth = (
+        study, config, problems, {})
+
+  def eval_inputs(self, regime, states):
+    if regime not in ts.TRAINED_ON_SYNTHESIZED:
+      return self.problems["x_train"]
+    if regime not in self._synth:
+      src = self.config.robust_features.source
+      self._synth[regime] = seed_sweep(self.study.robust_dataset)(
+          states[src], self.problems)
+    return self._synth[regime]
+
+  def train_inputs(self, regime, states):
+    if regime in ts.TRAINED_ON_SYNTHESIZED:
+      return self.eval_inputs(regime, states)
+    return self.study.train_data(self.problems)
+
+
+def train_all(study, config, workdir, problems, datasets, seeds, say, *,
+              progress: bool, stop_after_chunks: int | None):
+  """Every regime's training in checkpointed chunks (resuming after the
+  last saved chunk); the final states, or None when stopped early."""
   init = seed_sweep(study.init_state)(problems)
   states = {r: init for r in study.regimes}
-
   total = int(config.train.steps)
   every = int(config.checkpoint_every) if config.checkpoint_every else total
   chunks = [(r, s, min(every, total - s)) for r in study.regimes
@@ -79,24 +122,13 @@ def run(config, workdir: str, *, progress: bool = True,
     done, tree = restored
     states = tree["states"]
     say(f"resumed from checkpoint after {done} of {len(chunks)} chunks")
-
-  trainers, datasets = {}, {}
-
-  def dataset(regime):
-    if regime not in ts.TRAINED_ON_SYNTHESIZED:
-      return problems["x_train"]
-    if regime not in datasets:
-      src = config.robust_features.source
-      datasets[regime] = seed_sweep(study.robust_dataset)(states[src], problems)
-    return datasets[regime]
-
+  trainers = {}
   # A bar only on a terminal (disable=None); logs get one line per chunk.
   bar = tqdm(total=total * len(study.regimes), initial=sum(
       n for _, _, n in chunks[:done]), unit="step",
-      disable=None if progress and main else True, leave=False,
-      dynamic_ncols=True, desc="training")
-  newly, t_train = 0, time.time()
-  steps_left = sum(n for _, _, n in chunks[done:])
+      disable=None if progress else True, leave=False, dynamic_ncols=True,
+      desc="training")
+  t_train, steps_left = time.time(), sum(n for _, _, n in chunks[done:])
   for i in range(done, len(chunks)):
     regime, start, n = chunks[i]
     t_chunk = time.time()
@@ -105,10 +137,8 @@ def run(config, workdir: str, *, progress: bool = True,
       trainers[regime] = seed_sweep(
           lambda st, pb, x, steps, r=regime: study.train(r, st, pb, steps, x),
           static_argnums=(3,))
-    # The problems' own inputs train from their low-rank form (train_data).
-    data = (dataset(regime) if regime in ts.TRAINED_ON_SYNTHESIZED
-            else study.train_data(problems))
-    state, stats = trainers[regime](states[regime], problems, data, n)
+    states[regime], stats = trainers[regime](
+        states[regime], problems, datasets.train_inputs(regime, states), n)
     stats = distributed.to_host(stats)
     bad = [s for s, ok in zip(seeds, stats["all_finite"]) if not ok]
     if bad:
@@ -116,37 +146,24 @@ def run(config, workdir: str, *, progress: bool = True,
           f"non-finite loss or gradient in regime {regime!r}, seeds {bad}, "
           f"steps {start}..{start + n}; the last good checkpoint (chunk {i}) "
           f"in {workdir} is intact. Lower config.train.lr or the attack radii.")
-    states[regime] = state
     store.save(i + 1, {"states": states})
-    bar.update(n)
     loss = float(np.mean(stats["loss"]))
+    bar.update(n)
     bar.set_postfix(loss=f"{loss:.3g}")
-    newly += 1
     steps_left -= n
-    per_step = (time.time() - t_train) / sum(m for _, _, m in
-                                             chunks[done:i + 1])
+    per_step = (time.time() - t_train) / sum(m for _, _, m in chunks[done:i + 1])
     bar.clear()
     say(f"chunk {i + 1}/{len(chunks)} | {regime} steps {start + n}/{total} | "
         f"loss {loss:.4g} | {time.time() - t_chunk:.1f} s | ETA training "
         f"{format_seconds(per_step * steps_left)}")
-    if stop_after_chunks is not None and newly >= stop_after_chunks \
+    if stop_after_chunks is not None and i + 1 - done >= stop_after_chunks \
         and i + 1 < len(chunks):
       bar.close()
       store.close()
       return None
   bar.close()
   store.close()
-
-  evaluate = seed_sweep(study.evaluate)
-  metrics = {}
-  for regime in study.regimes:
-    t_eval = time.time()
-    metrics[regime] = distributed.to_host(
-        evaluate(states[regime], problems, dataset(regime)))
-    say(f"evaluation | {regime} | {time.time() - t_eval:.1f} s")
-  if main:
-    report(config, workdir, seeds, metrics)
-  return {"states": states, "metrics": metrics}
+  return states
 
 
 # ------------------------------------------------------------------ reporting
@@ -168,9 +185,6 @@ def _threshold_index(config, value=0.95):
 
 def report(config, workdir, seeds, metrics) -> dict:
   """Writes results.jsonl, summary.{md,json} and the plots; prints the table."""
-  import numpy as np
-  from experiments import common
-
   cfg = common.config_dict(config)
   rows = []
   for regime, m in metrics.items():
@@ -244,9 +258,6 @@ def spearman_stats(config, metrics, n_boot: int = BOOTSTRAP_SAMPLES,
     can produce) from "within one training method, the seeds that
     specialise more are more robust".
   """
-  import numpy as np
-  from tsjax.metrics.stats import bootstrap_ci, spearman
-
   regimes = list(metrics)
   strata = np.concatenate([np.full(len(np.asarray(metrics[r][
       "spec_full/mean_best"])), i) for i, r in enumerate(regimes)])
@@ -302,7 +313,6 @@ def claims(config, metrics, corr, ci=None) -> list[dict]:
   robust_full/mse"`` (and others) to Spearman correlations across runs;
   ``ci`` (optional) their bootstrap intervals ``[low, high]``, which adds
   the check that the interval lies below 0."""
-  import numpy as np
   mean = lambda r, k: float(np.mean(metrics[r][k]))
   out = []
   if "standard" in metrics:
@@ -343,11 +353,6 @@ def claims(config, metrics, corr, ci=None) -> list[dict]:
 
 
 def plots(config, workdir, metrics) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  import numpy as np
-
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
   for ax, where, title in ((axes[0], "full", "full-rank eval data"),
                            (axes[1], "in", "in-subspace eval data")):
@@ -385,7 +390,6 @@ def plots(config, workdir, metrics) -> None:
 
 
 if __name__ == "__main__":
-  from experiments import common
   common.launch("teacher_student", run, "configs/teacher_student.py",
                 "Experiment config (ml_collections file, optional ':variant').",
                 default_variant="")

@@ -236,7 +236,8 @@ def test_evaluate_command(tmp_path):
   assert (tmp_path / "eval" / "eval.md").read_text().startswith("# ")
   e2 = eval_config("smoke")
   e2.checkpoint = str(tmp_path / "nothing")
-  with pytest.raises(FileNotFoundError, match="checkpoint"):
+  with pytest.raises(ValueError, match="config field 'checkpoint'.*no "
+                     "config.json"):
     evaluate.run(e2, str(tmp_path / "e2"), progress=False)
 
 

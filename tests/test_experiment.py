@@ -204,3 +204,17 @@ def test_table_overrides_reach_every_run():
       node = node[p]
     assert node == value, path
   assert (s.seed, s.teacher.checkpoint) == (1, "/t")
+
+
+def test_evaluate_cli_config_error_is_one_line(tmp_path):
+  """experiments.evaluate shares the experiments' launcher: a bad field ends
+  in one line naming it, exit status 2, before anything is loaded."""
+  p = subprocess.run(
+      [sys.executable, "-m", "experiments.evaluate", "--config",
+       "configs/evaluate.py", f"--config.checkpoint={tmp_path / 'none'}",
+       "--compilation_cache=off"], cwd=ROOT, capture_output=True, text=True,
+      timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+  assert p.returncode == 2, p.stderr[-2000:]
+  lines = [l for l in p.stderr.splitlines() if l.strip()]
+  assert lines[-1].startswith("config error: config field 'checkpoint'")
+  assert "Traceback" not in p.stderr
