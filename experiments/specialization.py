@@ -34,19 +34,17 @@ Measurements of a run's validation-selected ("best") student on the first
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 
-matplotlib.use("Agg")   # files only; before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
-
-from experiments import common, train  # noqa: E402
+from experiments import common, train
 from tsjax import config_checks as cc
 from tsjax import losses, methods
 from tsjax.attacks import AttackSpec
@@ -136,29 +134,32 @@ def validate(config) -> None:
 
 
 # ------------------------------------------------------------- measurement
-def make_attacks(model, config, U):
-  """Jitted ``(variables, x, y, key) -> (correct per attack, x_adv)``."""
+def eval_attack(config) -> AttackSpec:
+  """The evaluation PGD (no [0, 1] box: with a subspace restriction the box
+  would shrink the whole perturbation to nothing on Fashion-MNIST's
+  saturated background, see ``pgd``; every attack, restricted or not, sees
+  the same ball)."""
   e = config.eval
-  # No [0, 1] box: with a subspace restriction the box would shrink the
-  # whole perturbation to nothing on Fashion-MNIST's saturated background
-  # (see ``pgd``); every attack, restricted or not, sees the same ball.
-  spec = AttackSpec(eps=float(e.eps), step_size=float(e.pgd_step_size),
+  return AttackSpec(eps=float(e.eps), step_size=float(e.pgd_step_size),
                     steps=int(e.pgd_steps), bounds=None)
 
-  @jax.jit
-  def attack(params, ms, x, y, key):
-    f = logits_fn(model, params, ms, "eval")
-    loss = lambda xa: losses.cross_entropy(f(xa), y)
-    out = {"clean": jnp.argmax(f(x), -1) == y}
-    x_adv = None
-    for i, (name, restrict) in enumerate(
-        (("pgd", None), ("pgd_in", "in"), ("pgd_orth", "orth"))):
-      xa = spec.replace(restrict=restrict).run(
-          loss, x, jax.random.fold_in(key, i), U=U if restrict else None)
-      out[name] = jnp.argmax(f(xa), -1) == y
-      x_adv = xa if x_adv is None else x_adv
-    return out, x_adv
-  return attack
+
+@functools.partial(jax.jit, static_argnames=("model", "spec"))
+def attack_batch(params, ms, x, y, U, key, *, model, spec):
+  """``(correct per attack, unrestricted x_adv)`` of one batch: clean, PGD
+  unrestricted, inside span(U) and in its complement. Compiled once per
+  architecture and attack (every run of a study shares it)."""
+  f = logits_fn(model, params, ms, "eval")
+  loss = lambda xa: losses.cross_entropy(f(xa), y)
+  out = {"clean": jnp.argmax(f(x), -1) == y}
+  x_adv = None
+  for i, (name, restrict) in enumerate(
+      (("pgd", None), ("pgd_in", "in"), ("pgd_orth", "orth"))):
+    xa = spec.replace(restrict=restrict).run(
+        loss, x, jax.random.fold_in(key, i), U=U if restrict else None)
+    out[name] = jnp.argmax(f(xa), -1) == y
+    x_adv = xa if x_adv is None else x_adv
+  return out, x_adv
 
 
 def _spec_row(layers, kind: str) -> dict:
@@ -175,11 +176,12 @@ def measure(config, run_dir, teacher, sub, x, y, key) -> dict:
   e = config.eval
   model, params, ms, _ = load_run(run_dir, "best")
   t_model, t_vars = teacher
-  attack = make_attacks(model, config, sub.U)
+  spec = eval_attack(config)
   correct, adv = {}, []
   for i in range(0, len(x), int(e.batch_size)):
-    out, xa = attack(params, ms, x[i:i + e.batch_size], y[i:i + e.batch_size],
-                     jax.random.fold_in(key, i))
+    out, xa = attack_batch(params, ms, x[i:i + e.batch_size],
+                           y[i:i + e.batch_size], sub.U,
+                           jax.random.fold_in(key, i), model=model, spec=spec)
     adv.append(np.asarray(xa))
     for k, v in out.items():
       correct.setdefault(k, []).append(np.asarray(v))
@@ -248,7 +250,8 @@ def run(config, workdir: str) -> dict:
         continue
       run_dir = os.path.join(workdir, f"{method}_s{seed}")
       print(f"== {method} seed {seed}", flush=True)
-      train.run(student_config(config, method, seed, teacher_dir), run_dir)
+      if not os.path.exists(os.path.join(run_dir, "results.json")):
+        train.run(student_config(config, method, seed, teacher_dir), run_dir)
       row = {"method": method, "seed": int(seed), "k": sub.k,
              **measure(config, run_dir, teacher, sub, x, y,
                        jax.random.key(int(seed)))}

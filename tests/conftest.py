@@ -9,8 +9,11 @@
   install) import.
 """
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 _FLAG = "--xla_force_host_platform_device_count=4"
 _existing = os.environ.get("XLA_FLAGS", "")
@@ -24,6 +27,16 @@ if _ROOT not in sys.path:
 import jax  # noqa: E402  (must follow the XLA_FLAGS setup above)
 
 jax.config.update("jax_enable_x64", True)
+
+# A persistent compilation cache for this session only (a fresh temporary
+# directory, removed at exit): tests that build the same programs again (a
+# study run, its resume, another test's equal config) load them instead of
+# compiling. The results are the same executables, so nothing tested changes.
+_CACHE = tempfile.mkdtemp(prefix="tsjax_test_xla_cache_")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+if not jax.config.jax_compilation_cache_dir:
+  jax.config.update("jax_compilation_cache_dir", _CACHE)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 import pytest  # noqa: E402
 

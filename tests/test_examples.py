@@ -14,6 +14,7 @@ process or another block).
   missing, as the other tests do.
 """
 
+import concurrent.futures
 import os
 import re
 import subprocess
@@ -99,12 +100,17 @@ def _env():
 
 
 def _run(args, cwd):
+  """``(returncode, stdout, stderr)`` of ``python ARGS`` in ``cwd``."""
   proc = subprocess.run([sys.executable, *args], cwd=cwd, env=_env(),
                         capture_output=True, text=True, timeout=TIMEOUT)
-  assert proc.returncode == 0, (
-      f"{args} exited with {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
-      f"\n--- stderr\n{proc.stderr[-6000:]}")
-  return proc.stdout
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+def _ok(args, result) -> str:
+  code, out, err = result
+  assert code == 0, (f"{args} exited with {code}\n--- stdout\n{out[-4000:]}"
+                     f"\n--- stderr\n{err[-6000:]}")
+  return out
 
 
 def _needs_fmnist(source: str) -> bool:
@@ -112,7 +118,7 @@ def _needs_fmnist(source: str) -> bool:
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
-def test_example_runs(name, tmp_path):
+def test_example_runs(name, launched):
   path = os.path.join(ROOT, "examples", name)
   with open(path) as f:
     source = f.read()
@@ -121,9 +127,10 @@ def test_example_runs(name, tmp_path):
   assert 'if __name__ == "__main__":' in source
   if _needs_fmnist(source) and not FMNIST:
     pytest.skip(f"needs `{images.FASHION_MNIST_APT}`")
-  out = _run([path], cwd=tmp_path)
+  cwd, result = launched[("example", name)]
+  out = _ok([path], result)
   assert out.strip(), f"{name} printed nothing"
-  assert not os.listdir(tmp_path), f"{name} wrote into its working directory"
+  assert not os.listdir(cwd), f"{name} wrote into its working directory"
   values = []
   for pattern in EXPECTED.get(name, []):
     m = re.search(pattern, out)
@@ -136,8 +143,6 @@ def test_example_runs(name, tmp_path):
 # ------------------------------------------------------------------ README
 USING = "## Using the library"
 
-# Definitions that README fragments outside USING take from their prose,
-# keyed by a line of the fragment.
 def readme_blocks():
   """``(line, section, code)`` of every ```python block of README.md."""
   with open(os.path.join(ROOT, "README.md")) as f:
@@ -158,13 +163,35 @@ def test_readme_has_library_blocks():
   assert sum(section == USING for _, section, _ in BLOCKS) >= 3
 
 
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+  """Every example and README block, run two at a time (each process spends
+  most of its time compiling, which is single-threaded, so two share the
+  machine's cores well): ``{(kind, name): (cwd, (returncode, stdout,
+  stderr))}``. What needs Fashion-MNIST is not run without it."""
+  jobs = {}
+  for name in EXAMPLES:
+    path = os.path.join(ROOT, "examples", name)
+    with open(path) as f:
+      if _needs_fmnist(f.read()) and not FMNIST:
+        continue
+    jobs[("example", name)] = ([path], tmp_path_factory.mktemp("example"))
+  for line, _, code in BLOCKS:
+    if _needs_fmnist(code) and not FMNIST:
+      continue
+    d = tmp_path_factory.mktemp("block")
+    (d / "block.py").write_text(code)
+    (d / "cwd").mkdir()
+    jobs[("readme", line)] = ([str(d / "block.py")], d / "cwd")
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    futures = {k: pool.submit(_run, args, cwd) for k, (args, cwd) in
+               jobs.items()}
+    return {k: (jobs[k][1], f.result()) for k, f in futures.items()}
+
+
 @pytest.mark.parametrize("line,section,code", BLOCKS,
                          ids=[f"README.md:{b[0]}" for b in BLOCKS])
-def test_readme_block_runs(line, section, code, tmp_path):
+def test_readme_block_runs(line, section, code, launched):
   if _needs_fmnist(code) and not FMNIST:
     pytest.skip(f"needs `{images.FASHION_MNIST_APT}`")
-  script = tmp_path / "block.py"
-  script.write_text(code)
-  work = tmp_path / "cwd"
-  work.mkdir()
-  _run([str(script)], cwd=work)
+  _ok([f"README.md:{line}"], launched[("readme", line)][1])
