@@ -55,7 +55,10 @@ def main(argv):
   overrides = common.config_overrides()
   rows = []
   t_all = time.time()
-  for method in [m for m in FLAGS.methods.split(",") if m]:
+  methods = [m for m in FLAGS.methods.split(",") if m]
+  for method in methods:           # every config checked before any trains
+    train.validate(method_config(dataset, method, overrides))
+  for method in methods:
     config = method_config(dataset, method, overrides)
     t0 = time.time()
     print(f"== {method}")
@@ -95,4 +98,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(common.one_line_config_errors(main))

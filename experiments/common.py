@@ -6,11 +6,15 @@ import hashlib
 import json
 import os
 import re
+import sys
+import time
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 from tsjax.config_checks import ConfigError
 
@@ -110,8 +114,6 @@ def to_jsonable(x):
 def config_overrides(flag: str = "config") -> dict:
   """``{dotted field: value}`` given as ``--FLAG.field=value`` on the command
   line (parsed by ml_collections against the config file's types)."""
-  from absl import flags
-  from ml_collections import config_flags
   return dict(config_flags.get_override_values(flags.FLAGS[flag]))
 
 
@@ -132,6 +134,18 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> list:
       continue
     node[leaf] = tuple(value) if isinstance(value, list) else value
   return missing
+
+
+def one_line_config_errors(main):
+  """``main(argv)`` that ends a ``ConfigError`` in one line naming the field
+  and exit status 2, no traceback."""
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except ConfigError as e:
+      print(f"config error: {e}", file=sys.stderr)
+      sys.exit(2)
+  return wrapped
 
 
 # JAX's persistent compilation cache for experiments launched from the
@@ -169,12 +183,6 @@ def launch(name: str, run, default_config: str, config_help: str,
   defined here, only when a module runs as a program, so the experiment
   modules can be imported together (tests, tables).
   """
-  import sys
-  import time
-
-  from absl import app, flags, logging
-  from ml_collections import config_flags
-
   config_flags.DEFINE_config_file("config", default_config, config_help,
                                   lock_config=True)
   flags.DEFINE_string("workdir", None,
@@ -197,11 +205,7 @@ def launch(name: str, run, default_config: str, config_help: str,
     workdir = flags.FLAGS.workdir or (
         workdir_fn(config) if workdir_fn else default_workdir(name, arg, config))
     t0 = time.time()
-    try:
-      run(config, workdir)
-    except ConfigError as e:      # one line naming the field, no traceback
-      print(f"config error: {e}", file=sys.stderr)
-      sys.exit(2)
+    run(config, workdir)
     print(f"done in {time.time() - t0:.0f} s; results in {workdir}")
 
-  app.run(main)
+  app.run(one_line_config_errors(main))

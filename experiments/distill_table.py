@@ -102,23 +102,9 @@ def _mean_spread(values):
   return f"{100 * v.mean():.1f} ± {100 * v.std(ddof=1):.1f}"
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  dataset = FLAGS.config.data.name
-  overrides = common.config_overrides()
-  t_overrides = {**TEACHER_BUDGET, **common.config_overrides("teacher_config")}
-  t_all = time.time()
-  os.makedirs(FLAGS.workdir, exist_ok=True)
-  teacher_dir = FLAGS.teacher or os.path.join(FLAGS.workdir, "teacher")
-  if not FLAGS.teacher and not FLAGS.table_only:
-    tc = adv_train.get_config(f"{dataset},pgd_at")
-    common.apply_overrides(tc, t_overrides)
-    print("== teacher (PGD-AT)")
-    train.run(tc, teacher_dir)
-  teacher = json.load(open(os.path.join(teacher_dir, "results.json")))
-  seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()]
-  methods = [m for m in FLAGS.methods.split(",") if m]
+def train_runs(dataset, seeds, methods, teacher_dir, overrides) -> dict:
+  """Every (method, seed) run, trained unless finished (``--table_only``:
+  none trained): ``{(method, seed): (results.json, wall seconds)}``."""
   runs = {}
   for method in methods:
     for seed in seeds:
@@ -135,34 +121,12 @@ def main(argv):
       # that runs finished by an earlier invocation keep their time.
       runs[(method, seed)] = (s, os.path.getmtime(done) - os.path.getmtime(
           os.path.join(wd, "config.json")))
+  return runs
 
-  eps = teacher["eps"]
-  pgd_n = teacher["results"]["last"].get("pgd_steps", 20)
-  tb = teacher["results"].get("best") or teacher["results"]["last"]
-  lines = [
-      f"# {dataset}: adversarial distillation vs. training from scratch "
-      f"(linf eps {eps:g})", "",
-      f"Machine: {platform.processor() or platform.machine()}, "
-      f"{os.cpu_count()} cores; this invocation {time.time() - t_all:.0f} s "
-      f"(runs already finished are reused). Seeds: {seeds}.", "",
-      f"Teacher: {teacher['model']} trained with PGD-AT "
-      f"({_items(t_overrides) if not FLAGS.teacher else teacher_dir}); "
-      f"test clean {100 * tb['clean_acc']:.1f}%, PGD-{pgd_n} {100 * tb['pgd_acc']:.1f}% "
-      f"on {tb['num_test']} test images.", "",
-      f"Students: the same network for every method "
-      f"({runs[(methods[0], seeds[0])][0]['model']} "
-      f"{json.dumps(runs[(methods[0], seeds[0])][0]['config']['model']['kwargs'])}), "
-      f"the same budget: {_items({**STUDENT_BUDGET, **overrides})}.", "",
-      "Accuracies in % on the test set, mean ± std over seeds, of the "
-      "validation-selected student (best validation PGD accuracy; the "
-      "validation split is carved from train). AutoAttack = standard version "
-      "on the first test images as listed. 'last' = final epoch.", "",
-      f"| method | clean | PGD-{pgd_n} | AutoAttack | last: clean | "
-      f"last: PGD-{pgd_n} | SWA: PGD-{pgd_n} | wall time / run (train + eval) |",
-      "|---|---|---|---|---|---|---|---|"]
-  missing = [f"{m} seed {s}" for m in methods for s in seeds
-             if (m, s) not in runs]
-  methods = [m for m in methods if all((m, s) in runs for s in seeds)]
+
+def _method_rows(methods, seeds, runs, pgd_n) -> list[str]:
+  """The table's rows and the per-seed list."""
+  lines = []
   for method in methods:
     rows = [runs[(method, s)][0]["results"] for s in seeds]
     best = [r.get("best") or r["last"] for r in rows]
@@ -189,6 +153,39 @@ def main(argv):
       per.append(f"seed {s}: {100 * b['clean_acc']:.1f} / "
                  f"{100 * b['pgd_acc']:.1f} / {aa}")
     lines.append(f"- {method}: " + "; ".join(per))
+  return lines
+
+
+def table_markdown(dataset, seeds, methods, runs, teacher, teacher_dir,
+                   t_overrides, overrides, seconds) -> str:
+  eps = teacher["eps"]
+  pgd_n = teacher["results"]["last"].get("pgd_steps", 20)
+  tb = teacher["results"].get("best") or teacher["results"]["last"]
+  first = runs[(methods[0], seeds[0])][0]
+  lines = [
+      f"# {dataset}: adversarial distillation vs. training from scratch "
+      f"(linf eps {eps:g})", "",
+      f"Machine: {platform.processor() or platform.machine()}, "
+      f"{os.cpu_count()} cores; this invocation {seconds:.0f} s "
+      f"(runs already finished are reused). Seeds: {seeds}.", "",
+      f"Teacher: {teacher['model']} trained with PGD-AT "
+      f"({_items(t_overrides) if not FLAGS.teacher else teacher_dir}); "
+      f"test clean {100 * tb['clean_acc']:.1f}%, PGD-{pgd_n} {100 * tb['pgd_acc']:.1f}% "
+      f"on {tb['num_test']} test images.", "",
+      f"Students: the same network for every method ({first['model']} "
+      f"{json.dumps(first['config']['model']['kwargs'])}), "
+      f"the same budget: {_items({**STUDENT_BUDGET, **overrides})}.", "",
+      "Accuracies in % on the test set, mean ± std over seeds, of the "
+      "validation-selected student (best validation PGD accuracy; the "
+      "validation split is carved from train). AutoAttack = standard version "
+      "on the first test images as listed. 'last' = final epoch.", "",
+      f"| method | clean | PGD-{pgd_n} | AutoAttack | last: clean | "
+      f"last: PGD-{pgd_n} | SWA: PGD-{pgd_n} | wall time / run (train + eval) |",
+      "|---|---|---|---|---|---|---|---|"]
+  missing = [f"{m} seed {s}" for m in methods for s in seeds
+             if (m, s) not in runs]
+  complete = [m for m in methods if all((m, s) in runs for s in seeds)]
+  lines += _method_rows(complete, seeds, runs, pgd_n)
   if missing:
     lines += ["", f"Not run yet (resume with the same command): "
               f"{', '.join(missing)}."]
@@ -197,7 +194,10 @@ def main(argv):
             " ".join(["python -m experiments.distill_table",
                       *(shlex.quote(a) for a in sys.argv[1:]
                         if not a.startswith("--table_only"))]), "```"]
-  text = "\n".join(lines) + "\n"
+  return "\n".join(lines) + "\n"
+
+
+def write_outputs(text: str, runs: dict) -> None:
   print(text)
   common.atomic_write(os.path.join(FLAGS.workdir, "table.md"), text)
   common.atomic_write(os.path.join(FLAGS.workdir, "table.json"), json.dumps(
@@ -214,6 +214,34 @@ def main(argv):
     common.atomic_write(FLAGS.out, text)
 
 
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  dataset = FLAGS.config.data.name
+  overrides = common.config_overrides()
+  t_overrides = {**TEACHER_BUDGET, **common.config_overrides("teacher_config")}
+  t_all = time.time()
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  teacher_dir = FLAGS.teacher or os.path.join(FLAGS.workdir, "teacher")
+  seeds = [int(s) for s in FLAGS.seeds.split(",") if s.strip()]
+  methods = [m for m in FLAGS.methods.split(",") if m]
+  tc = adv_train.get_config(f"{dataset},pgd_at")
+  common.apply_overrides(tc, t_overrides)
+  # Every run's config is checked before the first one trains.
+  train.validate(tc)
+  for m in methods:
+    train.validate(student_config(m, dataset, seeds[0], teacher_dir,
+                                  overrides), teacher_trained=False)
+  if not FLAGS.teacher and not FLAGS.table_only:
+    print("== teacher (PGD-AT)")
+    train.run(tc, teacher_dir)
+  teacher = json.load(open(os.path.join(teacher_dir, "results.json")))
+  runs = train_runs(dataset, seeds, methods, teacher_dir, overrides)
+  write_outputs(table_markdown(dataset, seeds, methods, runs, teacher,
+                               teacher_dir, t_overrides, overrides,
+                               time.time() - t_all), runs)
+
+
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(common.one_line_config_errors(main))

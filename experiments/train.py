@@ -60,6 +60,11 @@ def validate(config, *, teacher_trained: bool = True) -> None:
   images.check_name(config)
   for f in ("data.num_val", "data.train_subset", "data.test_subset"):
     cc.check_number(config, f, low=0, integer=True)
+  sub, nv = int(config.data.train_subset), int(config.data.num_val)
+  if sub and nv >= sub:
+    raise cc.ConfigError(f"config field 'data.num_val' ({nv}) must be below "
+                         f"'data.train_subset' ({sub}): the validation split "
+                         f"is carved from the training subset")
   name = cc.get_field(config, "model.name")
   if name not in models.REGISTRY:
     raise cc.ConfigError(f"config field 'model.name' must be one of "

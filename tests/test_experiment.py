@@ -218,3 +218,17 @@ def test_evaluate_cli_config_error_is_one_line(tmp_path):
   lines = [l for l in p.stderr.splitlines() if l.strip()]
   assert lines[-1].startswith("config error: config field 'checkpoint'")
   assert "Traceback" not in p.stderr
+
+
+def test_validation_split_must_fit_the_training_subset():
+  """Checked with the other fields, before any data is read."""
+  from experiments import train
+  from tsjax.configs import adv_train
+  from tsjax.config_checks import ConfigError
+  c = adv_train.get_config("fashion_mnist,pgd_at")
+  c.data.train_subset = 300                      # num_val stays 5000
+  with pytest.raises(ConfigError, match=r"'data.num_val' \(5000\) must be "
+                     r"below 'data.train_subset' \(300\)"):
+    train.validate(c)
+  c.data.num_val = 100
+  train.validate(c)
