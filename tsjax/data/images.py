@@ -164,14 +164,10 @@ def dataset_stats(name: str, data_dir: str | os.PathLike | None = None,
   without loading anything; other ``tfds:NAME`` data sets are computed from
   their train split in ``data_dir`` (loaded once per process, then cached).
   """
-  tfds_name = name[len(TFDS_PREFIX):] if is_tfds_name(name) else name
-  base = _base_name(tfds_name)
+  tfds_name, base = _names(name)
   if base in _STATS:
     return _STATS[base]
   if is_tfds_name(name):
-    why = _name_error(name)
-    if why is not None:
-      raise ValueError(f"data set name {why}")
     return _tfds_train_stats(tfds_name, _dir_or_none(data_dir))
   raise ValueError(f"unknown data set {name!r}; expected one of "
                    f"{sorted(_STATS)} or 'tfds:NAME'")
@@ -181,19 +177,26 @@ def dataset_num_classes(name: str,
                         data_dir: str | os.PathLike | None = None) -> int:
   """Number of classes of a data set (``tfds:NAME``: from its TFDS metadata
   in ``data_dir``, which opens the data set but reads no images)."""
-  tfds_name = name[len(TFDS_PREFIX):] if is_tfds_name(name) else name
-  base = _base_name(tfds_name)
+  tfds_name, base = _names(name)
   if base in _NUM_CLASSES:
     return _NUM_CLASSES[base]
   if is_tfds_name(name):
-    why = _name_error(name)
-    if why is not None:
-      raise ValueError(f"data set name {why}")
     source = _open_tfds(tfds_name, "train", _dir_or_none(data_dir))
     _, label_key = _feature_keys(source, tfds_name)
     return _num_classes(source, label_key, tfds_name)
   raise ValueError(f"unknown data set {name!r}; expected one of "
                    f"{sorted(_NUM_CLASSES)} or 'tfds:NAME'")
+
+
+def _names(name: str) -> tuple[str, str]:
+  """``(TFDS name, builder name)`` of a data set name; a malformed
+  ``tfds:NAME`` is refused here (``ValueError``)."""
+  if is_tfds_name(name):
+    why = _name_error(name)
+    if why is not None:
+      raise ValueError(f"data set name {why}")
+  tfds_name = name[len(TFDS_PREFIX):] if is_tfds_name(name) else name
+  return tfds_name, _base_name(tfds_name)
 
 
 def _base_name(tfds_name: str) -> str:

@@ -58,6 +58,16 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def check_wrn_shape(model: str, depth, widen_factor, depths: str) -> None:
+  """WideResNet depth ``6n + 4`` (n >= 1) and a positive integer width."""
+  if int(depth) != depth or depth < 10 or (depth - 4) % 6:
+    raise ValueError(f"{model} depth must be 6n + 4 with n >= 1 ({depths}), "
+                     f"got {depth!r}")
+  if int(widen_factor) != widen_factor or widen_factor < 1:
+    raise ValueError(f"{model} widen_factor must be a positive integer, got "
+                     f"{widen_factor!r}")
+
+
 def check_norm(model: str, mean: Sequence[float], std: Sequence[float]) -> None:
   """Validates the per-channel normalisation fields of an image model."""
   mean, std = tuple(mean), tuple(std)

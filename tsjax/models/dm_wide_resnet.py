@@ -92,7 +92,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tsjax.models.cnn import check_image_shape, check_norm, prepare_images
+from tsjax.models.cnn import (check_image_shape, check_norm, check_wrn_shape,
+                              prepare_images)
 from tsjax.models.resnet import conv, conv_init, global_avg_pool
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -178,13 +179,8 @@ class DMWideResNet(nn.Module):
 
   def __post_init__(self):
     check_norm("DMWideResNet", self.mean, self.std)
-    if (int(self.depth) != self.depth or self.depth < 10
-        or (self.depth - 4) % 6):
-      raise ValueError(f"DMWideResNet depth must be 6n + 4 with n >= 1 (10, "
-                       f"16, 22, 28, 34, ..., 70, 106), got {self.depth!r}")
-    if int(self.widen_factor) != self.widen_factor or self.widen_factor < 1:
-      raise ValueError(f"DMWideResNet widen_factor must be a positive "
-                       f"integer, got {self.widen_factor!r}")
+    check_wrn_shape("DMWideResNet", self.depth, self.widen_factor,
+                    "10, 16, 22, 28, 34, ..., 70, 106")
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"DMWideResNet activation must be one of "
                        f"{sorted(ACTIVATIONS)}, got {self.activation!r}")

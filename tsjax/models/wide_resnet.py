@@ -45,7 +45,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tsjax.models.cnn import check_image_shape, check_norm, prepare_images
+from tsjax.models.cnn import (check_image_shape, check_norm, check_wrn_shape,
+                              prepare_images)
 from tsjax.models.resnet import batch_norm, conv, global_avg_pool
 
 
@@ -96,13 +97,8 @@ class WideResNet(nn.Module):
 
   def __post_init__(self):
     check_norm("WideResNet", self.mean, self.std)
-    if (int(self.depth) != self.depth or self.depth < 10
-        or (self.depth - 4) % 6):
-      raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1 (10, 16, "
-                       f"22, 28, 34, ...), got {self.depth!r}")
-    if int(self.widen_factor) != self.widen_factor or self.widen_factor < 1:
-      raise ValueError(f"WideResNet widen_factor must be a positive integer, "
-                       f"got {self.widen_factor!r}")
+    check_wrn_shape("WideResNet", self.depth, self.widen_factor,
+                    "10, 16, 22, 28, 34, ...")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"WideResNet dropout must be in [0, 1), got "
                        f"{self.dropout!r}")
