@@ -36,6 +36,38 @@ def test_spearman_edge_cases():
     stats.spearman([1, 2, 3], [1, 2])
 
 
+def test_spearman_rows_equals_spearman_per_row():
+  """The batched version gives, row by row, what ``spearman`` gives (scipy
+  checked above), including ties, constant rows (NaN) and NaN inputs."""
+  rng = np.random.default_rng(3)
+  x = np.round(rng.normal(size=(60, 9)))          # many ties
+  y = rng.normal(size=(60, 9))
+  x[5] = 2.0                                      # constant row
+  y[7, 3] = np.nan
+  got = stats.spearman_rows(x, y)
+  want = np.array([stats.spearman(a, b) for a, b in zip(x, y)])
+  np.testing.assert_allclose(got, want, atol=1e-14)
+  assert np.isnan(got[5]) and np.isnan(got[7])
+  assert np.isnan(stats.spearman_rows(x[:, :2], y[:, :2])).all()   # < 3
+  with pytest.raises(ValueError, match="2-D"):
+    stats.spearman_rows(x[0], y[0])
+
+
+@pytest.mark.parametrize("strata", [None, np.repeat([0, 1, 2], 4),
+                                    np.array([0] * 5 + [1] * 4 + [2] * 3)])
+def test_bootstrap_ci_batched_draws_the_same_resamples(strata):
+  """``batched=True`` (one call on all resamples, the draws vectorised when
+  the strata are equal) gives bitwise the loop's interval."""
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=12)
+  y = x + rng.normal(size=12)
+  loop = stats.bootstrap_ci(stats.spearman, x, y, n_boot=500, seed=3,
+                            strata=strata)
+  batched = stats.bootstrap_ci(stats.spearman_rows, x, y, n_boot=500, seed=3,
+                               strata=strata, batched=True)
+  assert loop == batched
+
+
 # ----------------------------------------------------------------- bootstrap
 def test_bootstrap_ci_equals_direct_computation():
   """The same resamples drawn by hand give the same interval."""
