@@ -121,7 +121,7 @@ QUICK_SET = {"train.steps": 400, "data.n_train": 1000, "data.n_eval": 256,
 COMPARE = ("spec_in/mean_best", "spec_full/mean_best", "drift_perp",
            "clean_in/mse", "clean_in/cls_error", "robust_full/rel_mse",
            "robust_in/rel_mse", "robust_orth/rel_mse")
-TSJAX_ECHO = ("teacher-student study", "chunk", "evaluation", "done in",
+TSJAX_ECHO = ("teacher-student study", "round", "evaluation", "done in",
               "config error", "Traceback")
 
 
@@ -560,15 +560,16 @@ def run_tsjax(n: int, overrides: dict, cache_dir: str, label: str,
   wall, rc, lines = _stream(cmd, env, f"    [tsjax {label}] ", TSJAX_ECHO)
   if rc:
     _fail(f"tsjax {label} run (N={n})", rc, lines)
-  train_s, eval_s = {}, {}
+  # Training prints one line per round (one chunk of every regime, the
+  # regimes side by side on their devices): "round i/n | T s | ...".
+  rounds_s, eval_s = [], {}
   for _, line in lines:
     parts = [q.strip() for q in line.split("|")]
-    if line.startswith("chunk ") and len(parts) >= 4:
-      regime = parts[1].split()[0]
-      train_s[regime] = train_s.get(regime, 0.0) + float(parts[3].split()[0])
+    if line.startswith("round ") and len(parts) >= 3:
+      rounds_s.append(float(parts[1].split()[0]))
     elif line.startswith("evaluation |") and len(parts) >= 3:
       eval_s[parts[1]] = float(parts[2].split()[0])
-  first_chunk = next((t for t, l in lines if l.startswith("chunk ")), None)
+  first_chunk = next((t for t, l in lines if l.startswith("round ")), None)
   last_eval = max((t for t, l in lines if l.startswith("evaluation |")),
                   default=None)
   rows = [json.loads(l) for l in (pathlib.Path(workdir) / "results.jsonl")
@@ -577,10 +578,10 @@ def run_tsjax(n: int, overrides: dict, cache_dir: str, label: str,
   for r in rows:
     metrics.setdefault(r["regime"], []).append(
         {k: r[k] for k in COMPARE if k in r})
-  out = {"wall_s": wall, "train_s": train_s, "eval_s": eval_s,
-         "train_total_s": sum(train_s.values()),
+  out = {"wall_s": wall, "train_rounds_s": rounds_s, "eval_s": eval_s,
+         "train_total_s": sum(rounds_s),
          "eval_total_s": sum(eval_s.values()),
-         "first_chunk_done_s": first_chunk,
+         "first_round_done_s": first_chunk,
          # after the last evaluation: summary (bootstrap Spearman), plots,
          # results files, interpreter exit
          "report_s": wall - last_eval if last_eval is not None else None,

@@ -94,6 +94,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       None, field_type=str)
   c.distributed.num_processes = 1
   c.distributed.process_id = 0
+  # XLA CPU devices of each process: "cores" (one per core; the regimes then
+  # train side by side, see experiments/teacher_student.py), an integer, or
+  # None for JAX's default (one). XLA_FLAGS'
+  # --xla_force_host_platform_device_count wins.
+  c.distributed.cpu_devices = "cores"
 
   for part in filter(None, (p.strip() for p in arg.split(","))):
     if part == "smoke":

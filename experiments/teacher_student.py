@@ -14,17 +14,21 @@ Writes to the work dir: config.json, checkpoints/ (Orbax; a killed run resumes
 where it stopped), results.jsonl (one row per regime x seed, every metric and
 the config), summary.md and summary.json (table, Spearman correlations, checks
 of the paper's claims), specialization_vs_robust_error.png and
-success_per_teacher_node.png. Prints one line per phase: each trained chunk
-of each regime (steps, mean loss, seconds, ETA of the training) and the
-evaluation.
+success_per_teacher_node.png. Prints one line per phase: each round of
+trained chunks (one chunk of every regime, side by side; steps and mean loss
+of each, seconds, ETA of the training) and each evaluation.
 
-Several processes (``--config.distributed.*``, see the README): the seeds are
-sharded over all devices of all processes; every process takes part in the
+Devices (``Placement``): on one process with several devices (by default one
+XLA CPU device per core, ``distributed.cpu_devices``) the regimes train side
+by side, one device each. Several processes (``--config.distributed.*``, see
+the README): the seeds are sharded over all devices of all processes; every
+process takes part in the
 checkpoints, only process 0 writes files and prints.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -36,19 +40,22 @@ from absl import logging
 from tqdm import tqdm
 
 from experiments import common
-from tsjax.metrics.stats import bootstrap_ci, spearman
+from tsjax.metrics.stats import bootstrap_ci, spearman, spearman_rows
 from tsjax.train import CheckpointStore, distributed, seed_keys, seed_sweep
 from tsjax.train import teacher_student as ts
 from tsjax.train.fit import format_seconds
+from tsjax.train.sweep import RUN_ONCE
 
 
 def run(config, workdir: str, *, progress: bool = True,
-        stop_after_chunks: int | None = None) -> dict | None:
+        stop_after_chunks: int | None = None,
+        devices=None) -> dict | None:
   """Runs (or resumes) the study; returns final states and metrics (global
   arrays; ``tsjax.train.distributed.to_host`` reads them on any process).
 
-  ``stop_after_chunks`` stops after that many newly trained chunks (each
-  followed by a checkpoint), as a kill would; the result is then ``None``.
+  ``stop_after_chunks`` stops at the first checkpoint after that many newly
+  trained chunks, as a kill would; the result is then ``None``. ``devices``:
+  the devices to use (default: all, see ``Placement``).
   """
   if config.dtype == "float64":
     jax.config.update("jax_enable_x64", True)
@@ -59,105 +66,186 @@ def run(config, workdir: str, *, progress: bool = True,
     common.prepare_workdir(workdir, config)
   seeds = list(range(config.seed, config.seed + config.num_seeds))
   say = (print if progress else logging.info) if main else (lambda *a: None)
+  place = Placement(study, devices)
   say(f"teacher-student study: {len(seeds)} seeds x {len(study.regimes)} "
       f"regimes on {jax.device_count()} {jax.default_backend()} device(s) "
-      f"({distributed.describe()}); work dir {workdir}")
-  problems = seed_sweep(study.problem)(seed_keys(config.seed, config.num_seeds))
-  datasets = Datasets(study, config, problems)
-  states = train_all(study, config, workdir, problems, datasets, seeds, say,
+      f"({distributed.describe()}; {place.describe()}); work dir {workdir}")
+  problems = seed_sweep(study.problem, place.setup, compiler_options=RUN_ONCE)(
+      seed_keys(config.seed, config.num_seeds))
+  datasets = Datasets(study, config, problems, place)
+  states = train_all(study, config, workdir, datasets, seeds, say,
                      progress=progress and main,
                      stop_after_chunks=stop_after_chunks)
   if states is None:
     return None
-  evaluate = seed_sweep(study.evaluate)
+  evaluate = seed_sweep(study.evaluate, place.setup)
   metrics = {}
   for regime in study.regimes:
     t_eval = time.time()
-    metrics[regime] = distributed.to_host(
-        evaluate(states[regime], problems, datasets.eval_inputs(regime, states)))
+    metrics[regime] = distributed.to_host(evaluate(
+        place.put(states[regime], place.setup), problems,
+        place.put(datasets.eval_inputs(regime, states), place.setup)))
     say(f"evaluation | {regime} | {time.time() - t_eval:.1f} s")
   if main:
     report(config, workdir, seeds, metrics)
   return {"states": states, "metrics": metrics}
 
 
-class Datasets:
-  """Each regime's training inputs: the problems' own (trained from their
-  low-rank form, ``train_data``), or the robust-feature set synthesised once
-  from the source regime's trained students."""
+class Placement:
+  """Which devices run what.
 
-  def __init__(self, study, config, problems):
-    self.study, self.config, self.problems, self._synth = (
-        study, config, problems, {})
+  One process with several devices (``distributed.cpu_devices``: one XLA
+  CPU device per core by default) and several regimes: the regimes train
+  side by side, each on one device with all its seeds vmapped there; the
+  heaviest regime (``TeacherStudent.train_cost``) goes first onto the least
+  loaded device. A training loop of tiny operations runs fastest on one
+  core, so this is what uses a multi-core CPU (measured on 2 cores: the
+  three-regime protocol trains in ~0.55x the time of one device). Set-up
+  and evaluation (large batched operations, which XLA spreads over the
+  cores itself) run on the first device. Results are bitwise those of a
+  one-device run. Otherwise (several processes, one device, one regime)
+  every step runs on all devices with the seeds sharded over them
+  (``tsjax.train.sweep``).
+  """
+
+  def __init__(self, study, devices=None):
+    devices = list(devices) if devices is not None else jax.devices()
+    self.side_by_side = (jax.process_count() == 1 and len(devices) > 1
+                         and len(study.regimes) > 1)
+    if not self.side_by_side:
+      self.setup = devices
+      self.regime = {r: devices for r in study.regimes}
+      return
+    self.setup = devices[:1]
+    load = {d: 0.0 for d in devices[:len(study.regimes)]}
+    self.regime = {}
+    for r in sorted(study.regimes, key=study.train_cost, reverse=True):
+      d = min(load, key=load.get)
+      load[d] += study.train_cost(r)
+      self.regime[r] = [d]
+
+  def put(self, tree, devices):
+    """``tree`` on ``devices`` (a no-op unless regimes run side by side)."""
+    return jax.device_put(tree, devices[0]) if self.side_by_side else tree
+
+  def describe(self) -> str:
+    if not self.side_by_side:
+      return "seeds vmapped" + (" and sharded over the devices"
+                                if len(self.setup) > 1 else "")
+    return "regimes side by side: " + ", ".join(
+        f"{r} on device {d[0].id}" for r, d in self.regime.items())
+
+
+class Datasets:
+  """Each regime's problems and training inputs on its devices: the
+  problems' own inputs (trained from their low-rank form, ``train_data``),
+  or the robust-feature set synthesised once from the source regime's
+  trained students."""
+
+  def __init__(self, study, config, problems, place):
+    self.study, self.config, self.problems, self.place = (
+        study, config, problems, place)
+    self._synth, self._copies = {}, {}
+
+  def problems_for(self, regime):
+    devices = self.place.regime[regime]
+    key = tuple(d.id for d in devices)
+    if key not in self._copies:
+      self._copies[key] = self.place.put(self.problems, devices)
+    return self._copies[key]
 
   def eval_inputs(self, regime, states):
     if regime not in ts.TRAINED_ON_SYNTHESIZED:
       return self.problems["x_train"]
     if regime not in self._synth:
       src = self.config.robust_features.source
-      self._synth[regime] = seed_sweep(self.study.robust_dataset)(
-          states[src], self.problems)
+      self._synth[regime] = seed_sweep(
+          self.study.robust_dataset, self.place.regime[src])(
+              states[src], self.problems_for(src))
     return self._synth[regime]
 
   def train_inputs(self, regime, states):
     if regime in ts.TRAINED_ON_SYNTHESIZED:
-      return self.eval_inputs(regime, states)
-    return self.study.train_data(self.problems)
+      return self.place.put(self.eval_inputs(regime, states),
+                            self.place.regime[regime])
+    return self.study.train_data(self.problems_for(regime))
 
 
-def train_all(study, config, workdir, problems, datasets, seeds, say, *,
-              progress: bool, stop_after_chunks: int | None):
-  """Every regime's training in checkpointed chunks (resuming after the
-  last saved chunk); the final states, or None when stopped early."""
-  init = seed_sweep(study.init_state)(problems)
-  states = {r: init for r in study.regimes}
+def chunk_rounds(study, config) -> list[list[tuple[str, int, int]]]:
+  """Training chunks ``(regime, first step, steps)`` in rounds: one chunk of
+  every regime per round (run side by side, then one checkpoint), first the
+  regimes trained on the problems' data, then those trained on a data set
+  synthesised from another regime's final students."""
   total = int(config.train.steps)
   every = int(config.checkpoint_every) if config.checkpoint_every else total
-  chunks = [(r, s, min(every, total - s)) for r in study.regimes
-            for s in range(0, total, max(every, 1))]
+  phases = ([r for r in study.regimes if r not in ts.TRAINED_ON_SYNTHESIZED],
+            [r for r in study.regimes if r in ts.TRAINED_ON_SYNTHESIZED])
+  return [[(r, s, min(every, total - s)) for r in phase]
+          for phase in phases if phase for s in range(0, total, max(every, 1))]
+
+
+def train_all(study, config, workdir, datasets, seeds, say, *,
+              progress: bool, stop_after_chunks: int | None):
+  """Every regime's training in checkpointed rounds of chunks (resuming
+  after the last saved round); the final states, or None when stopped
+  early."""
+  place = datasets.place
+  states = {r: place.put(seed_sweep(study.init_state, place.regime[r])(
+      datasets.problems_for(r)), place.regime[r]) for r in study.regimes}
+  rounds = chunk_rounds(study, config)
+  ends = list(itertools.accumulate(len(r) for r in rounds))
   store = CheckpointStore(os.path.join(workdir, "checkpoints"))
   done = 0
   restored = store.restore_latest({"states": states})
   if restored is not None:
     done, tree = restored
+    if done not in ends:
+      raise ValueError(f"checkpoint {done} in {workdir} does not end a round "
+                       f"of training chunks ({ends}); it was written by "
+                       "another version of this study: start a new work dir")
     states = tree["states"]
-    say(f"resumed from checkpoint after {done} of {len(chunks)} chunks")
-  trainers = {}
-  # A bar only on a terminal (disable=None); logs get one line per chunk.
-  bar = tqdm(total=total * len(study.regimes), initial=sum(
-      n for _, _, n in chunks[:done]), unit="step",
-      disable=None if progress else True, leave=False, dynamic_ncols=True,
-      desc="training")
-  t_train, steps_left = time.time(), sum(n for _, _, n in chunks[done:])
-  for i in range(done, len(chunks)):
-    regime, start, n = chunks[i]
-    t_chunk = time.time()
-    bar.set_description(f"{regime:>15s}")
-    if regime not in trainers:
-      trainers[regime] = seed_sweep(
-          lambda st, pb, x, steps, r=regime: study.train(r, st, pb, steps, x),
-          static_argnums=(3,))
-    states[regime], stats = trainers[regime](
-        states[regime], problems, datasets.train_inputs(regime, states), n)
-    stats = distributed.to_host(stats)
-    bad = [s for s, ok in zip(seeds, stats["all_finite"]) if not ok]
-    if bad:
-      raise FloatingPointError(
-          f"non-finite loss or gradient in regime {regime!r}, seeds {bad}, "
-          f"steps {start}..{start + n}; the last good checkpoint (chunk {i}) "
-          f"in {workdir} is intact. Lower config.train.lr or the attack radii.")
-    store.save(i + 1, {"states": states})
-    loss = float(np.mean(stats["loss"]))
-    bar.update(n)
-    bar.set_postfix(loss=f"{loss:.3g}")
-    steps_left -= n
-    per_step = (time.time() - t_train) / sum(m for _, _, m in chunks[done:i + 1])
+    say(f"resumed from checkpoint after {done} of {ends[-1]} chunks")
+  first = ends.index(done) + 1 if done else 0
+  trainers = {r: seed_sweep(
+      lambda st, pb, x, steps, r=r: study.train(r, st, pb, steps, x),
+      place.regime[r], static_argnums=(3,)) for r in study.regimes}
+  total = int(config.train.steps) * len(study.regimes)
+  bar = tqdm(total=total, initial=sum(n for rd in rounds[:first]
+                                      for _, _, n in rd),
+             unit="step", disable=None if progress else True, leave=False,
+             dynamic_ncols=True, desc="training")
+  t_train, trained = time.time(), 0
+  steps_left = sum(n for rd in rounds[first:] for _, _, n in rd)
+  for i in range(first, len(rounds)):
+    t_round = time.time()
+    stats = {}
+    for regime, start, n in rounds[i]:    # dispatched together, run side by side
+      states[regime], stats[regime] = trainers[regime](
+          states[regime], datasets.problems_for(regime),
+          datasets.train_inputs(regime, states), n)
+    cells = []
+    for regime, start, n in rounds[i]:
+      st = distributed.to_host(stats[regime])
+      bad = [s for s, ok in zip(seeds, st["all_finite"]) if not ok]
+      if bad:
+        raise FloatingPointError(
+            f"non-finite loss or gradient in regime {regime!r}, seeds {bad}, "
+            f"steps {start}..{start + n}; the last good checkpoint (after "
+            f"{ends[i - 1] if i else 0} chunks) in {workdir} is intact. "
+            f"Lower config.train.lr or the attack radii.")
+      cells.append(f"{regime} {start + n}/{config.train.steps} loss "
+                   f"{float(np.mean(st['loss'])):.4g}")
+      steps_left -= n
+      trained += n
+      bar.update(n)
+    store.save(ends[i], {"states": states})
+    per_step = (time.time() - t_train) / trained
     bar.clear()
-    say(f"chunk {i + 1}/{len(chunks)} | {regime} steps {start + n}/{total} | "
-        f"loss {loss:.4g} | {time.time() - t_chunk:.1f} s | ETA training "
+    say(f"round {i + 1}/{len(rounds)} | {time.time() - t_round:.1f} s | "
+        + " | ".join(cells) + f" | ETA training "
         f"{format_seconds(per_step * steps_left)}")
-    if stop_after_chunks is not None and i + 1 - done >= stop_after_chunks \
-        and i + 1 < len(chunks):
+    if stop_after_chunks is not None and ends[i] - done >= stop_after_chunks \
+        and i + 1 < len(rounds):
       bar.close()
       store.close()
       return None
@@ -273,13 +361,15 @@ def spearman_stats(config, metrics, n_boot: int = BOOTSTRAP_SAMPLES,
   for name, (ks, kr) in pairs.items():
     x, y = across(ks), across(kr)
     corr[name] = spearman(x, y)
-    ci[name] = list(bootstrap_ci(spearman, x, y, n_boot=n_boot, alpha=alpha,
-                                 seed=seed, strata=strata))
+    ci[name] = list(bootstrap_ci(spearman_rows, x, y, n_boot=n_boot,
+                                 alpha=alpha, seed=seed, strata=strata,
+                                 batched=True))
     for r in regimes:
       xr = np.asarray(metrics[r][ks], np.float64)
       yr = np.asarray(metrics[r][kr], np.float64)
       within[r][name] = {"rho": spearman(xr, yr), "ci": list(bootstrap_ci(
-          spearman, xr, yr, n_boot=n_boot, alpha=alpha, seed=seed))}
+          spearman_rows, xr, yr, n_boot=n_boot, alpha=alpha, seed=seed,
+          batched=True))}
   return {"spearman": corr, "spearman_ci": ci, "spearman_within": within,
           "bootstrap": {"samples": n_boot, "alpha": alpha, "seed": seed}}
 

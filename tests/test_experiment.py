@@ -15,6 +15,7 @@ import pytest
 from tsjax.configs.teacher_student import get_config
 from experiments import common
 from experiments import teacher_student as exp
+from tsjax.train import teacher_student as ts_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,7 +79,8 @@ def _params(result):
 def test_resume_equals_uninterrupted(tmp_path):
   c = tiny_config(regimes=("standard", "pgd_at", "robust_features"))
   full = exp.run(c, str(tmp_path / "a"), progress=False)
-  # "Kill" after 4 of the 9 chunks (standard done, pgd_at one third) ...
+  # "Kill" after 4 of the 9 chunks (two rounds of standard and pgd_at side
+  # by side; robust_features trains after them) ...
   assert exp.run(c, str(tmp_path / "b"), progress=False,
                  stop_after_chunks=4) is None
   ckpts = sorted(os.listdir(tmp_path / "b" / "checkpoints"))
@@ -91,6 +93,37 @@ def test_resume_equals_uninterrupted(tmp_path):
                                 resumed["metrics"]["robust_features"]["drift_perp"])
   # The resumed run really trained fewer chunks (its checkpoints continue).
   assert "9" in os.listdir(tmp_path / "b" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_regimes_side_by_side_equal_one_device(tmp_path):
+  """Regimes trained side by side on several devices (the default with
+  several devices) give bitwise the parameters and metrics of a run on one
+  device."""
+  c = tiny_config(regimes=("standard", "offsubspace", "robust_features"),
+                  **{"robust_features.source": "standard", "train.steps": 40,
+                     "checkpoint_every": 20})
+  assert jax.device_count() >= 3
+  side = exp.run(c, str(tmp_path / "side"), progress=False)
+  one = exp.run(c, str(tmp_path / "one"), progress=False,
+                devices=jax.devices()[:1])
+  used = {r: {d.id for d in s.params["hidden_0"]["kernel"].devices()}
+          for r, s in side["states"].items()}
+  assert len(set.union(*used.values())) >= 2, used
+  jax.tree.map(np.testing.assert_array_equal, _params(side), _params(one))
+  jax.tree.map(np.testing.assert_array_equal, side["metrics"], one["metrics"])
+
+
+def test_placement_balances_regimes_by_cost():
+  study = ts_lib.TeacherStudent(tiny_config(
+      regimes=("standard", "pgd_at", "offsubspace")))
+  devices = jax.devices()[:2]
+  p = exp.Placement(study, devices)
+  # PGD-AT (the heaviest) alone; the two lighter ones share the other device.
+  assert p.regime["pgd_at"] != p.regime["standard"] == p.regime["offsubspace"]
+  assert exp.Placement(study, devices[:1]).side_by_side is False
+  one = ts_lib.TeacherStudent(tiny_config(regimes=("pgd_at",)))
+  assert exp.Placement(one, devices).regime["pgd_at"] == devices
 
 
 def test_resume_refuses_other_config(tmp_path):

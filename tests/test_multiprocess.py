@@ -114,6 +114,37 @@ def test_distributed_settings_name_the_field():
       D.settings(bad)
 
 
+def test_cpu_devices_field(tmp_path):
+  """``distributed.cpu_devices``: checked early (naming the field); applied
+  before JAX starts (a fresh interpreter: "cores" gives one device per core
+  this process may use, an integer that many), and an explicit
+  ``--xla_force_host_platform_device_count`` wins."""
+  from tsjax import config_checks as cc
+  from tsjax.train import distributed as D
+  assert D.cpu_devices(None) is None and D.cpu_devices({}) is None
+  assert D.cpu_devices({"cpu_devices": 3}) == 3
+  assert D.cpu_devices({"cpu_devices": "3"}) == 3          # command line
+  assert D.cpu_devices({"cpu_devices": "cores"}) == len(os.sched_getaffinity(0))
+  for bad in (0, -1, "all", 2.5, True):
+    with pytest.raises(cc.ConfigError, match="'distributed.cpu_devices'"):
+      D.cpu_devices({"cpu_devices": bad})
+  # In this process JAX already runs (4 devices, conftest): nothing changes.
+  assert not D.set_cpu_devices(3)
+  code = ("import sys, jax; from tsjax.train import distributed as D; "
+          "D.initialize({'cpu_devices': sys.argv[1]}); "
+          "print(jax.device_count())")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  def devices(value, flags=None):
+    e = env if flags is None else {**env, "XLA_FLAGS": flags}
+    p = subprocess.run([sys.executable, "-c", code, value], cwd=ROOT, env=e,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return int(p.stdout.split()[-1])
+  assert devices("cores") == len(os.sched_getaffinity(0))
+  assert devices("3") == 3
+  assert devices("3", "--xla_force_host_platform_device_count=5") == 5
+
+
 def test_two_processes_library_pieces(tmp_path):
   """One pair of processes, started as under SLURM's srun and joined by
   auto-detection (``distributed.auto``): evaluation counted on device, seed

@@ -26,6 +26,7 @@ every helper here is then the identity or a plain ``np.asarray``.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Mapping
 
 import jax
@@ -35,7 +36,7 @@ from jax.experimental import multihost_utils
 from tsjax import config_checks as cc
 
 FIELDS = ("coordinator_address", "num_processes", "process_id", "auto",
-          "local_device_ids", "initialization_timeout")
+          "local_device_ids", "initialization_timeout", "cpu_devices")
 
 
 def _get(section, name, default=None):
@@ -63,6 +64,9 @@ def settings(section, prefix: str = "distributed") -> dict | None:
     local_device_ids: the accelerators this process uses (default: all
       visible ones, or what the cluster assigns).
     initialization_timeout: seconds to wait for every process (default 300).
+    cpu_devices: XLA CPU devices of each process (:func:`cpu_devices`); not
+      a ``jax.distributed`` argument, checked and applied by
+      :func:`initialize`.
   """
   address = _get(section, "coordinator_address")
   auto = _get(section, "auto", False)
@@ -99,9 +103,52 @@ def settings(section, prefix: str = "distributed") -> dict | None:
   return out
 
 
+def cpu_devices(section, prefix: str = "distributed") -> int | None:
+  """The XLA CPU device count a config's ``cpu_devices`` field asks for:
+  ``None`` (or no field): JAX's default (one device), ``"cores"``: one per
+  core this process may run on, a positive integer (or its digits, as a
+  command line gives them): that many. Raises
+  ``ConfigError`` naming the field otherwise."""
+  value = _get(section, "cpu_devices")
+  if isinstance(value, str) and value.strip().isdigit():   # command line
+    value = int(value)
+  if value is None:
+    return None
+  if value == "cores":
+    return len(os.sched_getaffinity(0)) if hasattr(
+        os, "sched_getaffinity") else (os.cpu_count() or 1)
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise cc.ConfigError(f"config field '{prefix}.cpu_devices' must be None, "
+                         f"'cores' or a positive integer, got {value!r}")
+  return value
+
+
+def set_cpu_devices(count: int | None) -> bool:
+  """Gives this process ``count`` XLA CPU devices (``None``: no change).
+
+  Only possible before JAX starts its backends; an explicit
+  ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS`` or an earlier
+  ``jax_num_cpu_devices`` setting wins. Returns whether the count was set.
+  CPU devices are what a host's cores run side by side: XLA:CPU spreads one
+  program's large operations over all cores itself, but a program of many
+  tiny operations (the teacher-student training loops) runs faster on one
+  core, so several such programs on several devices use the cores better.
+  """
+  if count is None or "xla_force_host_platform_device_count" in os.environ.get(
+      "XLA_FLAGS", "") or jax.config.jax_num_cpu_devices >= 0:
+    return False
+  try:
+    jax.config.update("jax_num_cpu_devices", int(count))
+  except RuntimeError:  # backends already running: keep their devices
+    return False
+  return True
+
+
 def initialize(section=None, prefix: str = "distributed") -> bool:
   """Starts ``jax.distributed`` as a config's ``distributed`` section says
-  (see :func:`settings`); call it before any JAX computation. Returns True
+  (see :func:`settings`), first giving this process the section's
+  ``cpu_devices`` (:func:`set_cpu_devices`); call it before any JAX
+  computation. Returns True
   when this process is part of a multi-process run (started now or before).
 
   Nothing configured: a single process, nothing is started. Calling it again
@@ -109,6 +156,7 @@ def initialize(section=None, prefix: str = "distributed") -> bool:
   nothing.
   """
   kwargs = settings(section, prefix)
+  set_cpu_devices(cpu_devices(section, prefix))
   if jax.distributed.is_initialized():
     return True
   if kwargs is None:

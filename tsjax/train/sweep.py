@@ -42,8 +42,15 @@ def _leading(args) -> int:
   return sizes.pop()
 
 
+# XLA compile options for programs that run once (a study's set-up): LLVM's
+# optimisations cost seconds of compiling and buy milliseconds of running.
+# Float results may differ from the optimised program's in the last bits.
+RUN_ONCE = {"xla_backend_optimization_level": 0}
+
+
 def seed_sweep(fn: Callable, devices: Sequence[jax.Device] | None = None,
-               static_argnums: Sequence[int] = ()) -> Callable:
+               static_argnums: Sequence[int] = (),
+               compiler_options: dict | None = None) -> Callable:
   """Vectorised, device-parallel version of ``fn`` over a leading seed axis.
 
   Args:
@@ -52,6 +59,8 @@ def seed_sweep(fn: Callable, devices: Sequence[jax.Device] | None = None,
       processes, ``jax.devices()``).
     static_argnums: positions of hashable, non-array arguments shared by all
       seeds (e.g. a step count); they are passed through unchanged.
+    compiler_options: XLA options of the compiled program (e.g.
+      ``RUN_ONCE``), as ``jax.jit`` takes them.
   Returns:
     ``g(*args)`` where every non-static argument has a leading axis S; the
     outputs carry the same leading axis.
@@ -73,8 +82,9 @@ def seed_sweep(fn: Callable, devices: Sequence[jax.Device] | None = None,
       return fn(*full)
 
     batched = jax.vmap(one_seed)
+    jit = lambda f: jax.jit(f, compiler_options=compiler_options)
     if mesh is None:
-      return jax.jit(batched)
+      return jit(batched)
 
     def sharded(*dyn):
       # Seeds never communicate, so replication (vma) tracking buys nothing
@@ -82,7 +92,7 @@ def seed_sweep(fn: Callable, devices: Sequence[jax.Device] | None = None,
       return jax.shard_map(batched, mesh=mesh,
                            in_specs=tuple(P(AXIS) for _ in dyn),
                            out_specs=P(AXIS), check_vma=False)(*dyn)
-    return jax.jit(sharded)
+    return jit(sharded)
 
   def call(*args):
     static_vals = {i: args[i] for i in static_argnums}

@@ -206,6 +206,16 @@ class TeacherStudent:
                                       fraction=c.offsubspace.fraction)
     raise ValueError(f"unknown regime {regime!r}; expected one of {REGIMES}")
 
+  def train_cost(self, regime) -> float:
+    """Relative time of one training step of ``regime`` (a standard step =
+    1), as measured on a CPU with the default config: an adversarial step
+    (PGD-AT, CCAT) ~1.5 per forward-backward pass (attack steps + update),
+    an off-subspace step ~4 (the noise draws). Used to balance regimes
+    trained side by side over devices."""
+    if regime in ("pgd_at", "ccat"):
+      return 1.5 * (int(self.config.adv.steps) + 1)
+    return 4.0 if regime == "offsubspace" else 1.0
+
   def problem(self, key) -> dict:
     """One seed's subspace, teacher, data sets and student initialisation."""
     c, dt = self.config, self.dtype
