@@ -32,8 +32,13 @@ jax.config.update("jax_enable_x64", True)
 # directory, removed at exit): tests that build the same programs again (a
 # study run, its resume, another test's equal config) load them instead of
 # compiling. The results are the same executables, so nothing tested changes.
-_CACHE = tempfile.mkdtemp(prefix="tsjax_test_xla_cache_")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# Under pytest-xdist (``-n``) the controller makes the directory and its
+# workers (started from it, so they inherit the variable) share it.
+_CACHE = os.environ.get("TSJAX_TEST_XLA_CACHE")
+if not _CACHE or "PYTEST_XDIST_WORKER" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="tsjax_test_xla_cache_")
+  os.environ["TSJAX_TEST_XLA_CACHE"] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 if not jax.config.jax_compilation_cache_dir:
   jax.config.update("jax_compilation_cache_dir", _CACHE)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
