@@ -73,12 +73,12 @@ def run(config, workdir: str, *, progress: bool = True,
   problems = seed_sweep(study.problem, place.setup, compiler_options=RUN_ONCE)(
       seed_keys(config.seed, config.num_seeds))
   datasets = Datasets(study, config, problems, place)
+  evaluate = seed_sweep(study.evaluate, place.setup, sequential=True)
   states = train_all(study, config, workdir, datasets, seeds, say,
                      progress=progress and main,
                      stop_after_chunks=stop_after_chunks)
   if states is None:
     return None
-  evaluate = seed_sweep(study.evaluate, place.setup)
   metrics = {}
   for regime in study.regimes:
     t_eval = time.time()
@@ -188,70 +188,100 @@ def train_all(study, config, workdir, datasets, seeds, say, *,
               progress: bool, stop_after_chunks: int | None):
   """Every regime's training in checkpointed rounds of chunks (resuming
   after the last saved round); the final states, or None when stopped
-  early."""
+  early.
+
+  Round i + 1 is dispatched before round i is checked (finite losses) and
+  saved, so the devices never wait for the host; within a round the
+  heaviest regime is dispatched (and compiled) first.
+  """
   place = datasets.place
   states = {r: place.put(seed_sweep(study.init_state, place.regime[r])(
       datasets.problems_for(r)), place.regime[r]) for r in study.regimes}
   rounds = chunk_rounds(study, config)
-  ends = list(itertools.accumulate(len(r) for r in rounds))
+  log = RoundLog(config, rounds, say, progress)
   store = CheckpointStore(os.path.join(workdir, "checkpoints"))
-  done = 0
   restored = store.restore_latest({"states": states})
   if restored is not None:
-    done, tree = restored
-    if done not in ends:
-      raise ValueError(f"checkpoint {done} in {workdir} does not end a round "
-                       f"of training chunks ({ends}); it was written by "
-                       "another version of this study: start a new work dir")
-    states = tree["states"]
-    say(f"resumed from checkpoint after {done} of {ends[-1]} chunks")
-  first = ends.index(done) + 1 if done else 0
+    states = restored[1]["states"]
+    log.resume(restored[0], workdir)
   trainers = {r: seed_sweep(
       lambda st, pb, x, steps, r=r: study.train(r, st, pb, steps, x),
       place.regime[r], static_argnums=(3,)) for r in study.regimes}
-  total = int(config.train.steps) * len(study.regimes)
-  bar = tqdm(total=total, initial=sum(n for rd in rounds[:first]
-                                      for _, _, n in rd),
-             unit="step", disable=None if progress else True, leave=False,
-             dynamic_ncols=True, desc="training")
-  t_train, trained = time.time(), 0
-  steps_left = sum(n for rd in rounds[first:] for _, _, n in rd)
-  for i in range(first, len(rounds)):
-    t_round = time.time()
+  pending = None
+  for i in range(log.first, len(rounds)):
     stats = {}
-    for regime, start, n in rounds[i]:    # dispatched together, run side by side
+    for regime, _, n in sorted(rounds[i], key=lambda c: -study.train_cost(c[0])):
       states[regime], stats[regime] = trainers[regime](
           states[regime], datasets.problems_for(regime),
           datasets.train_inputs(regime, states), n)
+    if pending is not None and not log.finish(*pending, store, seeds, workdir,
+                                              stop_after_chunks):
+      store.close()
+      return None
+    pending = (i, stats, dict(states))
+  if pending is not None:
+    log.finish(*pending, store, seeds, workdir, None)
+  log.close()
+  store.close()
+  return states
+
+
+class RoundLog:
+  """Bookkeeping of ``train_all``'s rounds: resume point, the finite-loss
+  check, the checkpoint, the progress line and bar."""
+
+  def __init__(self, config, rounds, say, progress):
+    self.rounds, self.say, self.steps = rounds, say, int(config.train.steps)
+    self.ends = list(itertools.accumulate(len(r) for r in rounds))
+    self.done, self.first = 0, 0
+    self.bar = tqdm(total=sum(n for rd in rounds for _, _, n in rd),
+                    unit="step", disable=None if progress else True,
+                    leave=False, dynamic_ncols=True, desc="training")
+    self.t_start = self.t_last = time.time()
+    self.trained = 0
+
+  def resume(self, done, workdir):
+    if done not in self.ends:
+      raise ValueError(f"checkpoint {done} in {workdir} does not end a round "
+                       f"of training chunks ({self.ends}); it was written by "
+                       "another version of this study: start a new work dir")
+    self.done, self.first = done, self.ends.index(done) + 1
+    self.bar.update(sum(n for rd in self.rounds[:self.first] for _, _, n in rd))
+    self.say(f"resumed from checkpoint after {done} of {self.ends[-1]} chunks")
+
+  def finish(self, i, stats, states, store, seeds, workdir,
+             stop_after_chunks) -> bool:
+    """Checks and saves round ``i``; False when the run should stop here."""
     cells = []
-    for regime, start, n in rounds[i]:
+    for regime, start, n in self.rounds[i]:
       st = distributed.to_host(stats[regime])
       bad = [s for s, ok in zip(seeds, st["all_finite"]) if not ok]
       if bad:
         raise FloatingPointError(
             f"non-finite loss or gradient in regime {regime!r}, seeds {bad}, "
             f"steps {start}..{start + n}; the last good checkpoint (after "
-            f"{ends[i - 1] if i else 0} chunks) in {workdir} is intact. "
+            f"{self.ends[i - 1] if i else 0} chunks) in {workdir} is intact. "
             f"Lower config.train.lr or the attack radii.")
-      cells.append(f"{regime} {start + n}/{config.train.steps} loss "
+      cells.append(f"{regime} {start + n}/{self.steps} loss "
                    f"{float(np.mean(st['loss'])):.4g}")
-      steps_left -= n
-      trained += n
-      bar.update(n)
-    store.save(ends[i], {"states": states})
-    per_step = (time.time() - t_train) / trained
-    bar.clear()
-    say(f"round {i + 1}/{len(rounds)} | {time.time() - t_round:.1f} s | "
-        + " | ".join(cells) + f" | ETA training "
-        f"{format_seconds(per_step * steps_left)}")
-    if stop_after_chunks is not None and ends[i] - done >= stop_after_chunks \
-        and i + 1 < len(rounds):
-      bar.close()
-      store.close()
-      return None
-  bar.close()
-  store.close()
-  return states
+      self.trained += n
+      self.bar.update(n)
+    store.save(self.ends[i], {"states": states})
+    now = time.time()
+    left = sum(n for rd in self.rounds[i + 1:] for _, _, n in rd)
+    eta = (now - self.t_start) / self.trained * left
+    self.bar.clear()
+    self.say(f"round {i + 1}/{len(self.rounds)} | {now - self.t_last:.1f} s | "
+             + " | ".join(cells) + f" | ETA training {format_seconds(eta)}")
+    self.t_last = now
+    stop = (stop_after_chunks is not None and i + 1 < len(self.rounds)
+            and self.ends[i] - self.done >= stop_after_chunks)
+    if stop:
+      self.close()
+    return not stop
+
+  def close(self):
+    self.bar.close()
 
 
 # ------------------------------------------------------------------ reporting

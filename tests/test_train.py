@@ -241,6 +241,30 @@ def test_seed_sweep_static_args_and_errors():
   np.testing.assert_allclose(one(x), np.arange(5.0) ** 2)
 
 
+@pytest.mark.parametrize("devices", [1, 4])
+def test_seed_sweep_sequential_matches_vmap(devices):
+  """``sequential=True`` (seeds one after another, ``lax.map``) computes what
+  ``vmap`` computes, on one device and sharded with padding (6 seeds, 4
+  devices); static arguments pass through."""
+  def fn(key, w, power):
+    x = jax.random.normal(key, (64, 5), w.dtype)
+    h = jnp.tanh(x @ w) ** power
+    return {"mean": h.mean(0), "gram": h.T @ h}
+
+  keys = seed_keys(3, 6)
+  ws = jax.random.normal(jax.random.key(0), (6, 5, 3), jnp.float64)
+  devs = jax.devices()[:devices]
+  want = seed_sweep(fn, devs, static_argnums=(2,))(keys, ws, 2)
+  got = seed_sweep(fn, devs, static_argnums=(2,), sequential=True)(keys, ws, 2)
+  for i in range(6):   # and each seed is that seed alone
+    alone = fn(keys[i], ws[i], 2)
+    for k in want:
+      np.testing.assert_allclose(got[k][i], alone[k], rtol=1e-12, err_msg=k)
+  for k in want:
+    assert got[k].shape == want[k].shape, k
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-12, err_msg=k)
+
+
 def test_run_seeds_tiny_config(small_config):
   c = small_config
   c.regimes = ("standard", "robust_features")

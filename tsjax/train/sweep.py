@@ -50,7 +50,8 @@ RUN_ONCE = {"xla_backend_optimization_level": 0}
 
 def seed_sweep(fn: Callable, devices: Sequence[jax.Device] | None = None,
                static_argnums: Sequence[int] = (),
-               compiler_options: dict | None = None) -> Callable:
+               compiler_options: dict | None = None,
+               sequential: bool = False) -> Callable:
   """Vectorised, device-parallel version of ``fn`` over a leading seed axis.
 
   Args:
@@ -61,6 +62,12 @@ def seed_sweep(fn: Callable, devices: Sequence[jax.Device] | None = None,
       seeds (e.g. a step count); they are passed through unchanged.
     compiler_options: XLA options of the compiled program (e.g.
       ``RUN_ONCE``), as ``jax.jit`` takes them.
+    sequential: each device runs its seeds one after another inside the
+      program (``lax.map``) instead of ``vmap``-ing them. For a function whose
+      one-seed working set is already large (the study's evaluation: 2048
+      points x 10 restarts x 3 attacks) this keeps it in cache: 1.7x faster
+      for 3 seeds on a 2-core CPU. Float results may differ from ``vmap``'s
+      in the last bits.
   Returns:
     ``g(*args)`` where every non-static argument has a leading axis S; the
     outputs carry the same leading axis.
@@ -81,7 +88,10 @@ def seed_sweep(fn: Callable, devices: Sequence[jax.Device] | None = None,
               for i in range(len(dyn) + len(static_vals))]
       return fn(*full)
 
-    batched = jax.vmap(one_seed)
+    if sequential:
+      batched = lambda *dyn: jax.lax.map(lambda a: one_seed(*a), dyn)
+    else:
+      batched = jax.vmap(one_seed)
     jit = lambda f: jax.jit(f, compiler_options=compiler_options)
     if mesh is None:
       return jit(batched)
