@@ -170,8 +170,27 @@ def enable_compilation_cache(path: str | None) -> str | None:
   return path
 
 
+# XLA:CPU flags of the image experiments: convolutions by XLA's own kernels
+# instead of YNNPACK's, which are 2-4x slower on the small CNN's 28x28 layers
+# (benchmarks/image_op_profile.py); matrix products stay in YNNPACK. Forward
+# values are bitwise the same; gradients differ in the last bits (~1e-7
+# relative in float32). Ignored by other backends.
+IMAGE_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=individual_dot",)
+
+
+def add_xla_flags(flags) -> list[str]:
+  """Appends ``flags`` to ``XLA_FLAGS`` unless it already sets them (by
+  name), before JAX starts its backends; returns those added."""
+  current = os.environ.get("XLA_FLAGS", "")
+  added = [f for f in flags if f.split("=")[0] not in current]
+  if added:
+    os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+  return added
+
+
 def launch(name: str, run, default_config: str, config_help: str,
-           default_variant: str = "", workdir_fn=None) -> None:
+           default_variant: str = "", workdir_fn=None,
+           xla_flags=()) -> None:
   """The command line of an experiment module (flax-example style):
   ``python -m experiments.NAME --config configs/NAME.py[:variant]
   [--config.field=value ...] [--workdir DIR]``.
@@ -181,7 +200,8 @@ def launch(name: str, run, default_config: str, config_help: str,
   config resumes there; ``workdir_fn(config)`` gives another default), then
   calls ``run(config, workdir)``. The flags are
   defined here, only when a module runs as a program, so the experiment
-  modules can be imported together (tests, tables).
+  modules can be imported together (tests, tables). ``xla_flags`` go into
+  ``XLA_FLAGS`` first (``add_xla_flags``).
   """
   config_flags.DEFINE_config_file("config", default_config, config_help,
                                   lock_config=True)
@@ -199,6 +219,7 @@ def launch(name: str, run, default_config: str, config_help: str,
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)   # Orbax logs every save at INFO
+    add_xla_flags(xla_flags)
     enable_compilation_cache(flags.FLAGS.compilation_cache)
     config = flags.FLAGS.config
     arg = config_arg_from_argv(sys.argv, default=default_variant)

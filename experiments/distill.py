@@ -20,4 +20,5 @@ if __name__ == "__main__":
   common.launch("distill", run, "configs/distill.py",
                 "Experiment config (ml_collections file with "
                 "':method,dataset[,smoke]').",
-                default_variant="rslad,fashion_mnist")
+                default_variant="rslad,fashion_mnist",
+                xla_flags=common.IMAGE_XLA_FLAGS)

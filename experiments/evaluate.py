@@ -133,4 +133,5 @@ def run(config, workdir: str, progress: bool = True) -> dict:
 if __name__ == "__main__":
   common.launch("evaluate", run, "configs/evaluate.py", "Evaluation config.",
                 workdir_fn=lambda c: os.path.join(c.checkpoint or ".",
-                                                  f"eval_{c.which}"))
+                                                  f"eval_{c.which}"),
+                xla_flags=common.IMAGE_XLA_FLAGS)

@@ -441,4 +441,5 @@ if __name__ == "__main__":
   common.launch("train", run, "configs/adv_train.py",
                 "Experiment config (ml_collections file with "
                 "':dataset,method[,smoke]').",
-                default_variant="fashion_mnist,pgd_at")
+                default_variant="fashion_mnist,pgd_at",
+                xla_flags=common.IMAGE_XLA_FLAGS)

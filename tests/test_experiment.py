@@ -265,3 +265,16 @@ def test_validation_split_must_fit_the_training_subset():
     train.validate(c)
   c.data.num_val = 100
   train.validate(c)
+
+
+def test_add_xla_flags_keeps_what_the_user_set(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1 --xla_cpu_experimental_ynn_fusion_type=dot")
+  assert common.add_xla_flags(common.IMAGE_XLA_FLAGS) == []
+  assert os.environ["XLA_FLAGS"].endswith("ynn_fusion_type=dot")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1")
+  assert common.add_xla_flags(common.IMAGE_XLA_FLAGS) == list(
+      common.IMAGE_XLA_FLAGS)
+  assert os.environ["XLA_FLAGS"] == "--xla_foo=1 " + common.IMAGE_XLA_FLAGS[0]
+  monkeypatch.delenv("XLA_FLAGS")
+  common.add_xla_flags(common.IMAGE_XLA_FLAGS)
+  assert os.environ["XLA_FLAGS"] == common.IMAGE_XLA_FLAGS[0]
