@@ -114,6 +114,20 @@ def test_regimes_side_by_side_equal_one_device(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, side["metrics"], one["metrics"])
 
 
+def test_two_regimes_side_by_side_equal_one_device(tmp_path):
+  """Fast version of the check above (two regimes, a few steps): side by
+  side on two devices gives bitwise the one-device parameters."""
+  c = tiny_config(regimes=("standard", "offsubspace"),
+                  **{"train.steps": 20, "checkpoint_every": 10})
+  side = exp.run(c, str(tmp_path / "side"), progress=False,
+                 devices=jax.devices()[:2])
+  one = exp.run(c, str(tmp_path / "one"), progress=False,
+                devices=jax.devices()[:1])
+  assert {d.id for s in side["states"].values()
+          for d in s.params["hidden_0"]["kernel"].devices()} == {0, 1}
+  jax.tree.map(np.testing.assert_array_equal, _params(side), _params(one))
+
+
 def test_placement_balances_regimes_by_cost():
   study = ts_lib.TeacherStudent(tiny_config(
       regimes=("standard", "pgd_at", "offsubspace")))
