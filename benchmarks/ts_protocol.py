@@ -95,6 +95,7 @@ import json
 import math
 import os
 import pathlib
+import resource
 import shutil
 import statistics
 import subprocess
@@ -523,8 +524,16 @@ def tsjax_command(n: int, overrides: dict, workdir: str) -> list[str]:
   return cmd + ["--workdir", workdir]
 
 
+def _children_cpu_s() -> float:
+  r = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return r.ru_utime + r.ru_stime
+
+
 def _stream(cmd, env, echo_prefix, echo_filter=None, cwd=ROOT):
-  """Runs ``cmd``; returns ``(wall_s, rc, [(t since launch, line)])``."""
+  """Runs ``cmd``; returns ``(wall_s, rc, [(t since launch, line)], cpu_s)``
+  where ``cpu_s`` is the user + system CPU time of the process (all its
+  threads; one child runs at a time)."""
+  cpu0 = _children_cpu_s()
   t0 = time.perf_counter()
   proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -535,7 +544,7 @@ def _stream(cmd, env, echo_prefix, echo_filter=None, cwd=ROOT):
     if echo_filter is None or line.startswith(echo_filter):
       print(f"{echo_prefix}{line}", flush=True)
   rc = proc.wait()
-  return time.perf_counter() - t0, rc, lines
+  return time.perf_counter() - t0, rc, lines, _children_cpu_s() - cpu0
 
 
 def _fail(what, rc, lines):
@@ -557,7 +566,8 @@ def run_tsjax(n: int, overrides: dict, cache_dir: str, label: str,
          "PYTHONUNBUFFERED": "1"}
   cmd = tsjax_command(n, overrides, workdir)
   print(f"  tsjax {label}, N={n}: {' '.join(cmd[1:])}", flush=True)
-  wall, rc, lines = _stream(cmd, env, f"    [tsjax {label}] ", TSJAX_ECHO)
+  wall, rc, lines, cpu = _stream(cmd, env, f"    [tsjax {label}] ",
+                                 TSJAX_ECHO)
   if rc:
     _fail(f"tsjax {label} run (N={n})", rc, lines)
   # Training prints one line per round (one chunk of every regime, the
@@ -578,7 +588,7 @@ def run_tsjax(n: int, overrides: dict, cache_dir: str, label: str,
   for r in rows:
     metrics.setdefault(r["regime"], []).append(
         {k: r[k] for k in COMPARE if k in r})
-  out = {"wall_s": wall, "train_rounds_s": rounds_s, "eval_s": eval_s,
+  out = {"wall_s": wall, "cpu_s": cpu, "train_rounds_s": rounds_s, "eval_s": eval_s,
          "train_total_s": sum(rounds_s),
          "eval_total_s": sum(eval_s.values()),
          "first_round_done_s": first_chunk,
@@ -590,7 +600,7 @@ def run_tsjax(n: int, overrides: dict, cache_dir: str, label: str,
   out["other_s"] = wall - out["train_total_s"] - out["eval_total_s"]
   if not keep:
     shutil.rmtree(workdir, ignore_errors=True)
-  print(f"  tsjax {label}, N={n}: {wall:.1f} s (training "
+  print(f"  tsjax {label}, N={n}: {wall:.1f} s, CPU {cpu:.1f} s (training "
         f"{out['train_total_s']:.1f} s, evaluation {out['eval_total_s']:.1f}"
         f" s, other {out['other_s']:.1f} s, of which report after the last "
         f"evaluation {out['report_s'] or 0:.1f} s; cache "
@@ -608,8 +618,8 @@ def run_torch(cfg_path: str, threads: int, num_seeds: int) -> dict:
          "--num-seeds", str(num_seeds), "--worker-out", out_path]
   print(f"  PyTorch, {threads} thread(s), {num_seeds} seed(s)", flush=True)
   launch = time.time()
-  wall, rc, lines = _stream(cmd, {**os.environ, "PYTHONUNBUFFERED": "1"},
-                            f"    [torch {threads}t] ")
+  wall, rc, lines, cpu = _stream(
+      cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}, f"    [torch {threads}t] ")
   if rc:
     _fail(f"PyTorch protocol ({threads} threads)", rc, lines)
   recs = [json.loads(l) for l in pathlib.Path(out_path).read_text()
@@ -618,7 +628,7 @@ def run_torch(cfg_path: str, threads: int, num_seeds: int) -> dict:
   start = next(r for r in recs if r["kind"] == "start")
   seeds = [r for r in recs if r["kind"] == "seed"]
   res = {"threads": threads, "torch_threads_reported": start["threads"],
-         "wall_s": wall, "num_seeds": len(seeds),
+         "wall_s": wall, "cpu_s": cpu, "num_seeds": len(seeds),
          "startup_s": start["imported"] - launch,
          "cumulative_s": [r["end"] - launch for r in seeds],
          "seed_s": [r["seed_s"] for r in seeds],
@@ -628,7 +638,8 @@ def run_torch(cfg_path: str, threads: int, num_seeds: int) -> dict:
                     for k in seeds[0]["eval_s"]},
          "metrics": {reg: [r["metrics"][reg] for r in seeds]
                      for reg in seeds[0]["metrics"]}}
-  print(f"  PyTorch, {threads} thread(s), {num_seeds} seed(s): {wall:.1f} s "
+  print(f"  PyTorch, {threads} thread(s), {num_seeds} seed(s): {wall:.1f} s, "
+        f"CPU {cpu:.1f} s "
         f"(training {sum(res['train_s'].values()):.1f} s, evaluation "
         f"{sum(res['eval_s'].values()):.1f} s)", flush=True)
   return res
@@ -739,13 +750,18 @@ def results_md_lines(result: dict, machine: dict, command: str) -> list:
       f"{result['torch_threads_tried']}). Cold = empty JAX compilation cache;"
       f" warm = second launch, same cache.", "",
       "| N seeds | tsjax cold s | tsjax warm s | PyTorch s | speed-up cold |"
-      " speed-up warm |", "|---:|---:|---:|---:|---:|---:|"]
+      " speed-up warm | tsjax cold CPU s | tsjax warm CPU s |",
+      "|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     mark = " (extrapolated)" if r["torch_extrapolated"] else ""
     lines.append(f"| {r['num_seeds']} | {r['tsjax_cold_s']:.1f} | "
                  f"{r['tsjax_warm_s']:.1f} | {r['torch_s']:.1f}{mark} | "
-                 f"**{r['speedup_cold']:.2f}×** | {r['speedup_warm']:.2f}× |")
-  lines.append("")
+                 f"**{r['speedup_cold']:.2f}×** | {r['speedup_warm']:.2f}× | "
+                 f"{r['tsjax_cold_cpu_s']:.1f} | {r['tsjax_warm_cpu_s']:.1f} |")
+  cores = machine["cpu_count"]
+  lines += ["", f"CPU s = user + system time of the launch (all threads); "
+            f"on {cores} cores no schedule can finish a launch in less than "
+            f"CPU s / {cores}.", ""]
   verdict = "pass" if result["agreement_ok"] else "FAIL"
   lines.append(f"Agreement checks ({verdict}): " + "; ".join(
       f"{c['name']}: {c['detail']}" for c in result["agreement"]) + ".")
@@ -814,6 +830,8 @@ def main(argv=None) -> None:
         "num_seeds": n,
         "tsjax_cold_s": tj["cold"]["wall_s"],
         "tsjax_warm_s": tj["warm"]["wall_s"],
+        "tsjax_cold_cpu_s": tj["cold"]["cpu_s"],
+        "tsjax_warm_cpu_s": tj["warm"]["cpu_s"],
         "torch_s": t_torch, "torch_threads": ref_threads,
         "torch_extrapolated": extrap,
         "torch_by_threads_s": ({t: p["wall_s"] for t, p in probes.items()}

@@ -44,7 +44,7 @@ from tsjax.metrics.stats import bootstrap_ci, spearman, spearman_rows
 from tsjax.train import CheckpointStore, distributed, seed_keys, seed_sweep
 from tsjax.train import teacher_student as ts
 from tsjax.train.fit import format_seconds
-from tsjax.train.sweep import RUN_ONCE
+from tsjax.train.sweep import RUN_FEW, RUN_ONCE
 
 
 def run(config, workdir: str, *, progress: bool = True,
@@ -73,7 +73,8 @@ def run(config, workdir: str, *, progress: bool = True,
   problems = seed_sweep(study.problem, place.setup, compiler_options=RUN_ONCE)(
       seed_keys(config.seed, config.num_seeds))
   datasets = Datasets(study, config, problems, place)
-  evaluate = seed_sweep(study.evaluate, place.setup, sequential=True)
+  evaluate = seed_sweep(study.evaluate, place.setup, sequential=True,
+                        compiler_options=RUN_FEW)
   states = train_all(study, config, workdir, datasets, seeds, say,
                      progress=progress and main,
                      stop_after_chunks=stop_after_chunks)
