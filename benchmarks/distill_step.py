@@ -61,7 +61,11 @@ Timing: compilation and warm-up excluded; ``--repeats`` repeats of
 once, interleaved, the order rotated from repeat to repeat (load drift hits
 all of them): tsjax, then PyTorch with each ``--torch-threads`` setting
 (default ``os.cpu_count()`` and 1 on a CPU; ``torch.set_num_threads`` is set
-before each PyTorch repeat). Per-step time = repeat wall time / steps; the
+before each PyTorch repeat) in each ``--torch-layouts`` memory layout (NCHW
+and ``channels_last``, nets and input batch, each layout its own copy of the
+initial nets; a float32 step of each layout from the same weights is checked
+against NCHW first). Per thread count the faster layout is the reference
+(``speedup_vs_torch_<n>t``, ``torch_<n>t_layout``). Per-step time = repeat wall time / steps; the
 median (and min) over repeats is reported, with the load average
 (1-minute ``os.getloadavg()`` after every repeat, ``uptime`` before and
 after each method). On a GPU: ``cudnn.benchmark``,
@@ -147,6 +151,7 @@ TEACHER = {"small_cnn": ("small_cnn", {"features": (32, 64), "hidden": 128}),
            "resnet18": ("resnet18", {})}
 QUICK = {"repeats": 2, "steps_per_repeat": 1, "warmup": 1}
 CHECK_RTOL = 1e-9     # float64 check: losses and parameter update, relative
+LAYOUT_RTOL = 1e-3    # float32 PyTorch layouts against each other: losses
 
 
 # ------------------------------------------------------------------ arguments
@@ -170,6 +175,9 @@ def parse_args(argv=None):
   p.add_argument("--torch-threads", default=None,
                  help="comma-separated torch.set_num_threads settings timed "
                       "(default: os.cpu_count(),1 on a CPU)")
+  p.add_argument("--torch-layouts", default=",".join(ats.LAYOUTS),
+                 help=f"PyTorch memory layouts timed, from {ats.LAYOUTS}; per "
+                      "thread count the faster is the reference")
   p.add_argument("--breakdown", action="store_true",
                  help="also time the attack alone in both frameworks")
   p.add_argument("--pgd-loop", default="auto", choices=("auto", "rolled"),
@@ -188,6 +196,11 @@ def parse_args(argv=None):
   a = p.parse_args(argv)
   a.argv = list(sys.argv[1:] if argv is None else argv)
   a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+  a.torch_layouts = [s.strip() for s in a.torch_layouts.split(",")
+                     if s.strip()]
+  if not a.torch_layouts or any(s not in ats.LAYOUTS for s in a.torch_layouts):
+    p.error(f"--torch-layouts takes names from {ats.LAYOUTS}, got "
+            f"{a.torch_layouts}")
   bad = [m for m in a.methods if m not in METHODS]
   if bad or not a.methods:
     p.error(f"--methods takes names from {METHODS}, got {bad or a.methods}")
@@ -400,7 +413,7 @@ class Setup:
   tstep: object           # the PyTorch step
   flax_models: dict       # trained net name -> flax model
   loss_for: object        # attack -> tsjax method loss
-  torch_for: object       # attack -> PyTorch step on copies of the nets
+  torch_for: object       # (attack, layout) -> PyTorch step on net copies
   counts: dict
   norm: tuple             # (mean, std) inside the models
   attack_fn: object       # jitted (params, model_state, x, key, ctx) -> x_adv
@@ -460,8 +473,8 @@ def build(method, args, jdev, tdev) -> Setup:
     flax_models = {"student": s_model}
     counts["teacher"] = ats.count_tsjax(tp)
     torch_for = lambda att, nets: TorchAdvFunMatchStep(
-        nets["student"], t_net, att, config.train, o.temperature)
-    nets = {"student": s_net}
+        nets["student"], nets["teacher"], att, config.train, o.temperature)
+    nets = {"student": s_net, "teacher": t_net}
     attack_fn = jax.jit(lambda p, m, x, k, c: advfunmatch.mismatched_examples(
         t_model, s_model, p, m, c, x, k, attack,
         temperature=o.temperature)[0])
@@ -478,8 +491,11 @@ def build(method, args, jdev, tdev) -> Setup:
         jax.random.wrap_key_data(jnp.copy(jax.random.key_data(k_train))),
         jax.tree.map(jnp.copy, model_state)), jdev)
 
-  def torch_copy(att):   # a PyTorch step on copies of the initial nets
-    return torch_for(att, {k: copy.deepcopy(v) for k, v in nets.items()})
+  def torch_copy(att, layout="nchw"):
+    # a PyTorch step on copies of the initial nets, in memory layout `layout`
+    fmt = ats.memory_format(layout)
+    return torch_for(att, {k: copy.deepcopy(v).to(memory_format=fmt)
+                           for k, v in nets.items()})
 
   return Setup(method, config, attack, image_shape, step, make_state, ctx,
                optimizer, torch_for(attack, nets), flax_models, loss_for,
@@ -619,6 +635,29 @@ def interleaved(variants: dict, repeats: int, label: str, per: int = 1,
   return times, loads
 
 
+def variant(threads: int, layout: str) -> str:
+  """Timing key of PyTorch on ``threads`` threads in ``layout`` (NCHW keeps
+  the key it had before layouts were timed)."""
+  return f"torch_{threads}t" + ("" if layout == "nchw" else f"_{layout}")
+
+
+def check_layout(su: Setup, layout, imgs, labels, tdev) -> dict:
+  """One float32 PyTorch step in ``layout`` and one in NCHW from the same
+  weights and batch, PGD from ``x``: the same losses up to float32 rounding
+  (and the odd sign-step flip): the layouts time the same computation."""
+  attack0 = dataclasses.replace(su.attack, start_std=0.0)
+  x = torch.from_numpy(np.ascontiguousarray(
+      imgs.transpose(0, 3, 1, 2))).to(tdev)
+  y = torch.from_numpy(labels.astype(np.int64)).to(tdev)
+  ref = su.torch_for(attack0, "nchw")(x, y)
+  got = su.torch_for(attack0, layout)(
+      x.contiguous(memory_format=ats.memory_format(layout)), y)
+  err = max(abs(float(got[k]) - float(ref[k])) / max(abs(float(ref[k])), 1e-30)
+            for k in ref)
+  return {"layout": layout, "loss_rel_err": err, "tolerance": LAYOUT_RTOL,
+          "ok": err <= LAYOUT_RTOL}
+
+
 def bench_method(method, args, jdev, tdev) -> dict:
   dataset, image_shape, _ = SETTINGS[args.model]
   n_steps = args.steps_per_repeat
@@ -646,6 +685,21 @@ def bench_method(method, args, jdev, tdev) -> dict:
     if not check["ok"]:
       raise SystemExit(f"{method}: tsjax and torch steps disagree beyond "
                        f"{CHECK_RTOL}; not timing different computations")
+  layout_checks = {}
+  for layout in args.torch_layouts:
+    if layout != "nchw":
+      c = layout_checks[layout] = check_layout(su, layout, imgs, labels, tdev)
+      print(f"  PyTorch {layout} step vs NCHW (float32, PGD start at x): "
+            f"loss rel err {c['loss_rel_err']:.1e} -> "
+            f"{'ok' if c['ok'] else 'MISMATCH'}", flush=True)
+      if not c["ok"]:
+        raise SystemExit(f"{method}: PyTorch {layout} and NCHW steps "
+                         f"disagree beyond {LAYOUT_RTOL}")
+  # one PyTorch step per layout, each on its own copy of the initial nets
+  tsteps = {layout: su.tstep if layout == "nchw" else
+            su.torch_for(su.attack, layout) for layout in args.torch_layouts}
+  x_u8 = {layout: x_u8_t.contiguous(memory_format=ats.memory_format(layout))
+          for layout in args.torch_layouts}
   setup_s = time.perf_counter() - t0
 
   # ---- compile + warm-up (untimed); donation check on the first call
@@ -665,8 +719,9 @@ def bench_method(method, args, jdev, tdev) -> dict:
   tout = None
   for threads in args.torch_threads:
     torch.set_num_threads(threads)
-    for _ in range(max(args.warmup, 1)):
-      tout = su.tstep(x_u8_t, y_t)
+    for layout, tstep in tsteps.items():
+      for _ in range(max(args.warmup, 1)):
+        tout = tstep(x_u8[layout], y_t)
   sync(tdev)
   torch_warm_s = time.perf_counter() - t0
   print(f"  tsjax compile + first step {compile_s:.1f} s (state donated: "
@@ -679,15 +734,18 @@ def bench_method(method, args, jdev, tdev) -> dict:
       state, metrics = su.step(state, batch, su.ctx)
     return state
 
-  def run_torch():
+  def run_torch(layout):
     nonlocal tout
     for _ in range(n_steps):
-      tout = su.tstep(x_u8_t, y_t)
+      tout = tsteps[layout](x_u8[layout], y_t)
     return tout
 
   variants = {"tsjax": (run_tsjax, jax.block_until_ready, None)}
   for threads in args.torch_threads:
-    variants[f"torch_{threads}t"] = (run_torch, lambda _: sync(tdev), threads)
+    for layout in args.torch_layouts:
+      variants[variant(threads, layout)] = (
+          lambda layout=layout: run_torch(layout), lambda _: sync(tdev),
+          threads)
   load_before = uptime()
   times, loads = interleaved(variants, args.repeats, "step", n_steps,
                              "/step")
@@ -698,8 +756,14 @@ def bench_method(method, args, jdev, tdev) -> dict:
     row[n] = _summary([t / n_steps for t in ts])
   row["tsjax_ms"] = row["tsjax"]["median_ms"]
   for threads in args.torch_threads:
-    tm = row[f"torch_{threads}t"]["median_ms"]
+    # the reference: the faster layout at this thread count
+    best = min(args.torch_layouts,
+               key=lambda l: row[variant(threads, l)]["median_ms"])
+    tm = row[variant(threads, best)]["median_ms"]
+    row[f"torch_{threads}t_layout"] = best
+    row[f"torch_{threads}t_best_ms"] = tm
     row[f"speedup_vs_torch_{threads}t"] = tm / row["tsjax_ms"]
+  row["layout_checks"] = layout_checks
   row.update({
       "params": su.counts, "check": check, "tsjax_compile_s": compile_s,
       "setup_s": setup_s, "tsjax_state_donated": donated,
@@ -711,21 +775,24 @@ def bench_method(method, args, jdev, tdev) -> dict:
       "tsjax_steps_run": int(state.step),
   })
   if args.breakdown:
-    row["breakdown"] = breakdown(su, state, batch, x_u8_t, args, tdev)
+    row["breakdown"] = breakdown(su, state, batch, tsteps, x_u8, args)
   return row
 
 
-def breakdown(su, state, batch, x_u8_t, args, tdev) -> dict:
+def breakdown(su, state, batch, tsteps, x_u8, args) -> dict:
   """The attack alone in both frameworks (median ms); update = step - attack."""
   x_j = batch["image"].astype(jnp.float32) / 255.0
   key = jax.random.key(1)
   params, ms = state.params, state.model_state
-  x_t = x_u8_t.float() / 255.0
+  tdev = next(iter(x_u8.values())).device
   variants = {"tsjax": (lambda: su.attack_fn(params, ms, x_j, key, su.ctx),
                         jax.block_until_ready, None)}
   for threads in args.torch_threads:
-    variants[f"torch_{threads}t"] = (lambda: su.tstep.attack(x_t),
-                                     lambda _: sync(tdev), threads)
+    for layout in args.torch_layouts:
+      x_t = x_u8[layout].float() / 255.0
+      variants[variant(threads, layout)] = (
+          lambda t=tsteps[layout], x=x_t: t.attack(x), lambda _: sync(tdev),
+          threads)
   for run, finish, threads in variants.values():   # compile / warm up
     if threads:
       torch.set_num_threads(threads)
@@ -746,24 +813,29 @@ def print_table(result: dict) -> None:
         f"{result['load_before'][0]:.1f} before, "
         f"{result['load_after'][0]:.1f} after):")
   hdr = f"{'method':<12} | {'tsjax':>8}"
+  layouts = result["torch_layouts"]
   for t in threads:
-    hdr += f" | {f'torch {t}t':>9} | {'speed-up':>8}"
+    hdr += "".join(f" | {f'torch {t}t {l}':>22}" for l in layouts)
+    hdr += f" | {'speed-up':>8}"
   print(hdr)
   print("-" * len(hdr))
   for r in result["rows"]:
     line = f"{r['method']:<12} | {r['tsjax_ms']:>8.1f}"
     for t in threads:
-      line += (f" | {r[f'torch_{t}t']['median_ms']:>9.1f} | "
-               f"{r[f'speedup_vs_torch_{t}t']:>7.2f}x")
+      line += "".join(f" | {r[variant(t, l)]['median_ms']:>22.1f}"
+                      for l in layouts)
+      line += f" | {r[f'speedup_vs_torch_{t}t']:>7.2f}x"
     print(line)
     if "breakdown" in r:
       b = r["breakdown"]["attack"]
       line = f"{'  attack':<12} | {b['tsjax']['median_ms']:>8.1f}"
       for t in threads:
-        tb = b[f"torch_{t}t"]["median_ms"]
-        line += f" | {tb:>9.1f} | {tb / b['tsjax']['median_ms']:>7.2f}x"
+        tb = {l: b[variant(t, l)]["median_ms"] for l in layouts}
+        line += "".join(f" | {tb[l]:>22.1f}" for l in layouts)
+        line += f" | {min(tb.values()) / b['tsjax']['median_ms']:>7.2f}x"
       print(line)
-  print("speed-up = torch time / tsjax time (> 1: tsjax faster)")
+  print("speed-up = the faster PyTorch layout's time / tsjax time (> 1: tsjax "
+        "faster)")
 
 
 def save(result: dict, machine: dict, args) -> pathlib.Path:
@@ -813,6 +885,7 @@ def main(argv=None) -> None:
       "batch": args.batch, "image_shape": list(image_shape),
       "backend": jdev.platform, "repeats": args.repeats,
       "warmup": args.warmup, "torch_threads": args.torch_threads,
+      "torch_layouts": args.torch_layouts,
       "pgd_loop": args.pgd_loop,
       "timing": "median (and min) over repeats of per-step wall time; "
                 "compilation and warm-up excluded; variants interleaved "

@@ -12,6 +12,7 @@ from tsjax.configs import teacher_student as ts_configs
 from tsjax.data import synthetic
 from tsjax.train import (TrainState, make_train_step, sample_batch, seed_keys,
                          seed_sweep, train_steps)
+from tsjax.train import sweep as sweep_lib
 from tsjax.train.teacher_student import TeacherStudent, run_seeds
 
 STEPS = 200
@@ -263,6 +264,37 @@ def test_seed_sweep_sequential_matches_vmap(devices):
   for k in want:
     assert got[k].shape == want[k].shape, k
     np.testing.assert_allclose(got[k], want[k], rtol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("options", ["RUN_ONCE", "RUN_FEW"])
+def test_compile_presets_compute_the_default_programs_results(small_config,
+                                                              options):
+  """The study's set-up (``RUN_ONCE``) and evaluation (``RUN_FEW``) compiled
+  with their presets give the default-compiled results to float64 rounding
+  (RUN_ONCE moves a few entries in the last bits; a misspelt option fails to
+  compile; a preset that changed the computation would show here)."""
+  c = small_config
+  c.regimes = ("pgd_at",)
+  study = TeacherStudent(c)
+  opts = getattr(sweep_lib, options)
+  keys = seed_keys(0, 2)
+  problems = seed_sweep(study.problem)(keys)
+  if options == "RUN_ONCE":
+    want, got = problems, seed_sweep(study.problem, compiler_options=opts)(keys)
+  else:
+    states = seed_sweep(study.init_state)(problems)
+    states = seed_sweep(lambda st, pb: study.train("pgd_at", st, pb, 20)[0])(
+        states, problems)
+    args = (states, problems, problems["x_train"])
+    want = seed_sweep(study.evaluate, sequential=True)(*args)
+    got = seed_sweep(study.evaluate, sequential=True,
+                     compiler_options=opts)(*args)
+  flat_want, flat_got = jax.tree.leaves(want), jax.tree.leaves(got)
+  assert len(flat_want) == len(flat_got) > 5
+  for a, b in zip(flat_want, flat_got):
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)
 
 
 def test_run_seeds_tiny_config(small_config):
