@@ -115,7 +115,7 @@ from _common import (loadavg, machine_info, merge_rows,  # noqa: E402
                      open_results, write_results)
 from tests.torch_nets import TorchResNet18, TorchSmallCNN  # noqa: E402
 from tsjax.configs.adv_train import get_config  # noqa: E402
-from experiments.common import IMAGE_XLA_FLAGS, add_xla_flags  # noqa: E402
+from experiments.common import IMAGE_XLA_FLAGS, prepare_backend  # noqa: E402
 from experiments.train import attack_spec, method_loss, validate, with_augmentation  # noqa: E402
 from tsjax import models  # noqa: E402
 from tsjax.data import images  # noqa: E402
@@ -736,8 +736,9 @@ def save(result: dict, machine: dict, args) -> pathlib.Path:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
-  # The XLA flags experiments/train.py runs with (before JAX starts).
-  add_xla_flags(IMAGE_XLA_FLAGS)
+  # The XLA flags and random-bit lowering experiments/train.py runs with
+  # (before JAX starts).
+  prepare_backend(IMAGE_XLA_FLAGS)
   torch.set_num_threads(args.torch_threads or os.cpu_count())
   torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   if torch_device.type == "cuda":

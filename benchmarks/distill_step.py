@@ -131,7 +131,7 @@ from _common import (loadavg, machine_info, merge_rows,  # noqa: E402
                      open_results, uptime, write_results)
 from tests.torch_nets import TorchResNet18, TorchSmallCNN  # noqa: E402
 from tsjax.configs.distill import get_config  # noqa: E402
-from experiments.common import IMAGE_XLA_FLAGS, add_xla_flags  # noqa: E402
+from experiments.common import IMAGE_XLA_FLAGS, prepare_backend  # noqa: E402
 from experiments.train import attack_spec, with_augmentation  # noqa: E402
 from tsjax import models  # noqa: E402
 from tsjax.data import images  # noqa: E402
@@ -848,7 +848,7 @@ def save(result: dict, machine: dict, args) -> pathlib.Path:
 def main(argv=None) -> None:
   args = parse_args(argv)
   # The XLA flags experiments/distill.py runs with (before JAX starts).
-  add_xla_flags(IMAGE_XLA_FLAGS)
+  prepare_backend(IMAGE_XLA_FLAGS)
   if args.pgd_loop == "rolled":
     pgd_module = importlib.import_module("tsjax.attacks.pgd")
     pgd_module.CPU_UNROLL_MAX_STEPS = 0      # auto_unroll -> False

@@ -97,6 +97,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.add_xla_flags(common.IMAGE_XLA_FLAGS)
+  common.prepare_backend(common.IMAGE_XLA_FLAGS)
   define_flags()
   app.run(common.one_line_config_errors(main))
