@@ -12,6 +12,7 @@ from tsjax.configs import teacher_student as ts_configs
 from tsjax.data import synthetic
 from tsjax.train import (TrainState, make_train_step, sample_batch, seed_keys,
                          seed_sweep, train_steps)
+from tsjax.attacks import pgd
 from tsjax.train import sweep as sweep_lib
 from tsjax.train.teacher_student import TeacherStudent, run_seeds
 
@@ -25,7 +26,9 @@ def study(make_small_config):
   config = make_small_config()
   config.regimes = DRIFT_REGIMES
   study = TeacherStudent(config)
-  study.jit_problem = jax.jit(study.problem)
+  # compiled as the study compiles its set-up (it runs once)
+  study.jit_problem = jax.jit(study.problem,
+                              compiler_options=sweep_lib.RUN_ONCE)
 
   @functools.partial(jax.jit, static_argnums=(0,))
   def jit_train(regime, problem):
@@ -173,14 +176,15 @@ def test_low_rank_coordinates_hold_in_span_noise_only(make_small_config):
   c = make_small_config()
   c.regimes = ("standard",)
   c.data.noise_in = 0.3
-  problem = jax.jit(TeacherStudent(c).problem)(jax.random.key(4))
+  once = functools.partial(jax.jit, compiler_options=sweep_lib.RUN_ONCE)
+  problem = once(TeacherStudent(c).problem)(jax.random.key(4))
   x = np.asarray(problem["x_train"])
   z = np.asarray(problem["z_train"])
   np.testing.assert_allclose(z @ np.asarray(problem["U"]).T, x, rtol=0,
                              atol=1e-13 * np.max(np.abs(x)))
   c.data.noise_out = 0.1  # off-span noise: only the dense inputs exist
   study = TeacherStudent(c)
-  problem = jax.jit(study.problem)(jax.random.key(4))
+  problem = once(study.problem)(jax.random.key(4))
   assert "z_train" not in problem
   assert study.train_data(problem) is problem["x_train"]
 
@@ -266,6 +270,29 @@ def test_seed_sweep_sequential_matches_vmap(devices):
     np.testing.assert_allclose(got[k], want[k], rtol=1e-12, err_msg=k)
 
 
+@pytest.mark.parametrize("options", ["RUN_ONCE", "RUN_FEW"])
+def test_compile_presets_small_program(options):
+  """The presets compile (a misspelt option would not) and compute what the
+  default-compiled program computes: random draws, a vmapped 5-step l2 PGD
+  with restarts and products, float64."""
+  def fn(key, w):
+    x = jax.random.normal(key, (64, 5), w.dtype)
+    loss = lambda xa: jnp.sum(jnp.tanh(xa @ w) ** 2, -1)
+    x_adv = pgd(loss, x, key, eps=0.5, step_size=0.2, steps=5, norm="l2",
+                restarts=3)
+    return {"x_adv": x_adv, "gram": x_adv.T @ x_adv}
+
+  keys = seed_keys(1, 3)
+  ws = jax.random.normal(jax.random.key(0), (3, 5, 4), jnp.float64)
+  want = seed_sweep(fn)(keys, ws)
+  got = seed_sweep(fn, compiler_options=getattr(sweep_lib, options))(keys, ws)
+  for k in want:   # RUN_ONCE rounds differently in the last bits (~1e-14)
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-10, atol=1e-12,
+                               err_msg=k)
+  assert float(jnp.max(jnp.abs(want["x_adv"]))) > 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("options", ["RUN_ONCE", "RUN_FEW"])
 def test_compile_presets_compute_the_default_programs_results(small_config,
                                                               options):
