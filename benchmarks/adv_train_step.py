@@ -197,11 +197,7 @@ def parse_args(argv=None):
       p.error(f"--shapes takes names from {tuple(SHAPES)}, got {a.shapes}")
   a.cases = [(m, s) for m in a.models
              for s in (a.shapes or DEFAULT_SHAPES[m])]
-  a.torch_layouts = [s.strip() for s in a.torch_layouts.split(",")
-                     if s.strip()]
-  if not a.torch_layouts or any(s not in LAYOUTS for s in a.torch_layouts):
-    p.error(f"--torch-layouts takes names from {LAYOUTS}, got "
-            f"{a.torch_layouts}")
+  a.torch_layouts = parse_layouts(p, a.torch_layouts)
   for name, default in (("repeats", 5), ("warmup", 2)):
     if getattr(a, name) is None:
       setattr(a, name, QUICK[name] if a.quick else default)
@@ -230,6 +226,14 @@ def torch_model(name, mean, std, image_shape):
                          std=std)
   return TorchResNet18(NUM_CLASSES, preact=True, final_bn=True,
                        in_channels=c, mean=mean, std=std)
+
+
+def parse_layouts(parser, text: str) -> list[str]:
+  """``--torch-layouts``: comma-separated names from ``LAYOUTS``."""
+  layouts = [s.strip() for s in text.split(",") if s.strip()]
+  if not layouts or any(s not in LAYOUTS for s in layouts):
+    parser.error(f"--torch-layouts takes names from {LAYOUTS}, got {layouts}")
+  return layouts
 
 
 def memory_format(layout: str):

@@ -65,8 +65,9 @@ before each PyTorch repeat) in each ``--torch-layouts`` memory layout (NCHW
 and ``channels_last``, nets and input batch, each layout its own copy of the
 initial nets; a float32 step of each layout from the same weights is checked
 against NCHW first). Per thread count the faster layout is the reference
-(``speedup_vs_torch_<n>t``, ``torch_<n>t_layout``). Per-step time = repeat wall time / steps; the
-median (and min) over repeats is reported, with the load average
+(``speedup_vs_torch_<n>t``, ``torch_<n>t_layout``). Per-step time =
+repeat wall time / steps; the median (and min) over repeats is reported,
+with the load average
 (1-minute ``os.getloadavg()`` after every repeat, ``uptime`` before and
 after each method). On a GPU: ``cudnn.benchmark``,
 ``torch.cuda.synchronize`` after each PyTorch repeat,
@@ -196,11 +197,7 @@ def parse_args(argv=None):
   a = p.parse_args(argv)
   a.argv = list(sys.argv[1:] if argv is None else argv)
   a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-  a.torch_layouts = [s.strip() for s in a.torch_layouts.split(",")
-                     if s.strip()]
-  if not a.torch_layouts or any(s not in ats.LAYOUTS for s in a.torch_layouts):
-    p.error(f"--torch-layouts takes names from {ats.LAYOUTS}, got "
-            f"{a.torch_layouts}")
+  a.torch_layouts = ats.parse_layouts(p, a.torch_layouts)
   bad = [m for m in a.methods if m not in METHODS]
   if bad or not a.methods:
     p.error(f"--methods takes names from {METHODS}, got {bad or a.methods}")
@@ -516,10 +513,11 @@ def _torch_vars(su: Setup, tstep) -> tuple:
   return ({k: v[0] for k, v in conv.items()}, {k: v[1] for k, v in conv.items()})
 
 
-def _exact_norm(tstep, mean_std, dtype=torch.float64):
-  """Normalisation constants of the PyTorch nets in ``dtype`` from the exact
+def _exact_norm(tstep, mean_std):
+  """Normalisation constants of the PyTorch nets in float64 from the exact
   values (``.double()`` would keep the float32-rounded ones; tsjax uses the
   Python floats)."""
+  dtype = torch.float64
   mean, std = mean_std
   for net in list(tstep.nets().values()) + [getattr(tstep, "teacher", None)]:
     norm = getattr(net, "norm", None)
@@ -551,8 +549,7 @@ def check_step(su: Setup, imgs, labels, tdev) -> dict:
   tstep0 = su.torch_for(attack0)
   for net in tstep0.nets().values():
     net.double()
-  teacher = getattr(tstep0, "teacher", None)
-  t_dtype = next(teacher.parameters()).dtype if teacher is not None else None
+  teacher = getattr(tstep0, "teacher", None)   # a copy too (torch_for)
   if teacher is not None:
     teacher.double()
   _exact_norm(tstep0, su.norm)
@@ -576,9 +573,6 @@ def check_step(su: Setup, imgs, labels, tdev) -> dict:
     p1_t, ms1_t = map(to64, _torch_vars(su, tstep0))
   finally:
     jax.config.update("jax_enable_x64", False)
-  if teacher is not None:
-    teacher.to(t_dtype)
-    _exact_norm(tstep0, su.norm, torch.float32)
   out = {"dtype": "float64"}
   for k in keys:
     a, b = m_j[k], float(m_t[k])

@@ -588,7 +588,8 @@ def run_tsjax(n: int, overrides: dict, cache_dir: str, label: str,
   for r in rows:
     metrics.setdefault(r["regime"], []).append(
         {k: r[k] for k in COMPARE if k in r})
-  out = {"wall_s": wall, "cpu_s": cpu, "train_rounds_s": rounds_s, "eval_s": eval_s,
+  out = {"wall_s": wall, "cpu_s": cpu, "train_rounds_s": rounds_s,
+         "eval_s": eval_s,
          "train_total_s": sum(rounds_s),
          "eval_total_s": sum(eval_s.values()),
          "first_round_done_s": first_chunk,
