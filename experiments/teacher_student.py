@@ -28,6 +28,7 @@ checkpoints, only process 0 writes files and prints.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import json
 import os
@@ -75,21 +76,43 @@ def run(config, workdir: str, *, progress: bool = True,
   datasets = Datasets(study, config, problems, place)
   evaluate = seed_sweep(study.evaluate, place.setup, sequential=True,
                         compiler_options=RUN_FEW)
-  states = train_all(study, config, workdir, datasets, seeds, say,
-                     progress=progress and main,
-                     stop_after_chunks=stop_after_chunks)
+  eval_args = lambda regime, states: (
+      place.put(states[regime], place.setup), problems,
+      place.put(datasets.eval_inputs(regime, states), place.setup))
+  with concurrent.futures.ThreadPoolExecutor(1) as background:
+    ahead = []
+    states = train_all(
+        study, config, workdir, datasets, seeds, say,
+        progress=progress and main, stop_after_chunks=stop_after_chunks,
+        on_dispatched=lambda st: ahead.extend(compile_ahead(
+            background, evaluate, eval_args, study, place, st)))
+    for done in ahead:
+      done.result()                          # re-raises a failed compile
   if states is None:
     return None
   metrics = {}
   for regime in study.regimes:
     t_eval = time.time()
-    metrics[regime] = distributed.to_host(evaluate(
-        place.put(states[regime], place.setup), problems,
-        place.put(datasets.eval_inputs(regime, states), place.setup)))
+    metrics[regime] = distributed.to_host(evaluate(*eval_args(regime, states)))
     say(f"evaluation | {regime} | {time.time() - t_eval:.1f} s")
   if main:
     report(config, workdir, seeds, metrics)
   return {"states": states, "metrics": metrics}
+
+
+def compile_ahead(pool, evaluate, eval_args, study, place, states) -> list:
+  """Compiles the evaluation in ``pool`` (a background thread) while the last
+  training round runs, from its still-pending final states; the evaluation
+  then reuses the program. Regimes side by side only: there the devices of
+  the lighter regimes finish early and a core idles until the heaviest is
+  done (measured: the 3-regime protocol ~0.6 s faster on 2 cores). Regimes
+  evaluated on a synthesised data set are left to compile when evaluated.
+  """
+  plain = [r for r in study.regimes if r not in ts.TRAINED_ON_SYNTHESIZED]
+  if not (place.side_by_side and plain):
+    return []
+  args = eval_args(plain[0], states)
+  return [pool.submit(lambda: evaluate.lower(*args).compile())]
 
 
 class Placement:
@@ -186,14 +209,17 @@ def chunk_rounds(study, config) -> list[list[tuple[str, int, int]]]:
 
 
 def train_all(study, config, workdir, datasets, seeds, say, *,
-              progress: bool, stop_after_chunks: int | None):
+              progress: bool, stop_after_chunks: int | None,
+              on_dispatched=None):
   """Every regime's training in checkpointed rounds of chunks (resuming
   after the last saved round); the final states, or None when stopped
   early.
 
   Round i + 1 is dispatched before round i is checked (finite losses) and
   saved, so the devices never wait for the host; within a round the
-  heaviest regime is dispatched (and compiled) first.
+  heaviest regime is dispatched (and compiled) first. ``on_dispatched``
+  is called with the final (still pending) states once the last round is
+  dispatched.
   """
   place = datasets.place
   states = {r: place.put(seed_sweep(study.init_state, place.regime[r])(
@@ -220,6 +246,8 @@ def train_all(study, config, workdir, datasets, seeds, say, *,
       store.close()
       return None
     pending = (i, stats, dict(states))
+    if i == len(rounds) - 1 and on_dispatched is not None:
+      on_dispatched(dict(states))
   if pending is not None:
     log.finish(*pending, store, seeds, workdir, None)
   log.close()

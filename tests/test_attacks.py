@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tsjax.attacks import fgsm, pgd
+from tsjax.attacks import norms as N
 from tsjax.attacks.pgd import CPU_UNROLL_MAX_STEPS, auto_unroll
 
 B, D, K = 6, 8, 3
@@ -82,6 +83,24 @@ def test_pgd_respects_every_constraint(norm, restrict, bounded):
   np.testing.assert_allclose(loss, _nonlinear_loss()(x_adv), rtol=1e-12)
   assert np.all(np.asarray(loss) >= np.asarray(_nonlinear_loss()(x)) - 1e-12)
 
+
+
+@pytest.mark.parametrize("restrict,bounded", [("in", False), ("orth", False),
+                                              ("in", True)])
+def test_pgd_l2_restricted_skips_no_constraint(restrict, bounded, monkeypatch):
+  """l2 steps along a restricted gradient stay in the subspace, so ``pgd``
+  does not restrict them again (``norms.step_keeps_subspace``): the result
+  equals the always-restrict loop's up to rounding."""
+  x, U = _inputs(), _basis()
+  bounds = (0.0, 1.0) if bounded else None
+  kw = dict(eps=0.6, step_size=0.2, steps=12, norm="l2", restarts=2,
+            bounds=bounds, U=U, restrict=restrict, return_loss=True)
+  fast = pgd(_nonlinear_loss(), x, jax.random.key(5), **kw)
+  monkeypatch.setattr(N, "step_keeps_subspace", lambda norm: False)
+  ref = pgd(_nonlinear_loss(), x, jax.random.key(5), **kw)
+  np.testing.assert_allclose(fast[0], ref[0], rtol=1e-12, atol=1e-13)
+  np.testing.assert_allclose(fast[1], ref[1], rtol=1e-12)
+  assert not N.step_keeps_subspace("linf")  # sign() leaves the subspace
 
 def test_pgd_linf_linear_loss_analytic_optimum():
   rng = np.random.default_rng(4)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tsjax.configs.teacher_student import get_config
+from compile_events import BACKEND_COMPILE, compile_events
 from experiments import common
 from experiments import teacher_student as exp
 from tsjax.train import teacher_student as ts_lib
@@ -127,6 +128,31 @@ def test_two_regimes_side_by_side_equal_one_device(tmp_path):
           for d in s.params["hidden_0"]["kernel"].devices()} == {0, 1}
   jax.tree.map(np.testing.assert_array_equal, _params(side), _params(one))
 
+
+
+def test_evaluation_compiled_ahead_is_reused(tmp_path, monkeypatch):
+  """Side by side, the evaluation is compiled in a background thread while
+  the last round trains (``compile_ahead``); the evaluation then reuses that
+  program: no more compiles than without it, and bitwise the same metrics."""
+  c = tiny_config(regimes=("standard", "offsubspace"),
+                  **{"train.steps": 20, "checkpoint_every": 10})
+  devices = jax.devices()[:2]
+  submitted = []
+  real = exp.compile_ahead
+  monkeypatch.setattr(exp, "compile_ahead",
+                      lambda *a: submitted.extend(real(*a)) or submitted)
+  jax.clear_caches()
+  with compile_events() as events:
+    ahead = exp.run(c, str(tmp_path / "ahead"), progress=False, devices=devices)
+  assert len(submitted) == 1 and submitted[0].done()
+  monkeypatch.setattr(exp, "compile_ahead", lambda *a: [])
+  jax.clear_caches()
+  with compile_events() as plain_events:
+    plain = exp.run(c, str(tmp_path / "plain"), progress=False,
+                    devices=devices)
+  assert events.count(BACKEND_COMPILE) == plain_events.count(BACKEND_COMPILE)
+  jax.tree.map(np.testing.assert_array_equal, ahead["metrics"],
+               plain["metrics"])
 
 def test_placement_balances_regimes_by_cost():
   study = ts_lib.TeacherStudent(tiny_config(

@@ -188,6 +188,10 @@ class _RecordingNets:
     self.seen.append(np.asarray(x))
     return self.nets.student_out(params, x)
 
+  def outputs(self, params, ctx, x):
+    self.seen.append(np.asarray(x))
+    return self.nets.outputs(params, ctx, x)
+
 
 def test_offsubspace_moves_inputs_only_off_span(tiny_problem):
   nets, params, ctx, _ = tiny_problem
@@ -247,3 +251,55 @@ def test_ccat_loss_finite_at_zero_radius(tiny_problem):
   assert np.isfinite(float(loss)), float(loss)
   np.testing.assert_allclose(loss, regression_loss(nets, params, ctx, x),
                              rtol=1e-10)
+
+
+def _np_mlp(params, x):
+  h = x
+  layers = sorted(k for k in params if k.startswith("hidden_"))
+  for name in layers:
+    h = np.maximum(h @ np.asarray(params[name]["kernel"])
+                   + np.asarray(params[name]["bias"]), 0.0)
+  return h @ np.asarray(params["out"]["kernel"]) + np.asarray(
+      params["out"]["bias"])
+
+
+@pytest.mark.parametrize("widths", [(M,), (M, 3)])
+def test_networks_outputs_match_separate_networks(widths):
+  """``Networks.outputs`` (first layers as one product, custom gradient)
+  against NumPy for the values and against plain autodiff of the two
+  separate networks (teacher under stop_gradient) for every gradient."""
+  nets = Networks(teacher=MLP(widths, C, param_dtype=jnp.float64),
+                  student=MLP(tuple(2 * w for w in widths), C, init_std=0.3,
+                              param_dtype=jnp.float64))
+  kx, kt, ks, kg = jax.random.split(jax.random.key(11), 4)
+  x = jax.random.normal(kx, (2, 5, D), jnp.float64)  # two batch axes
+  teacher = nets.teacher.init(kt, x[0])
+  teacher = jax.tree.map(lambda a: a + 0.1, teacher)  # nonzero biases
+  params = jax.tree.map(lambda a: a + 0.05,
+                        nets.student.init(ks, x[0])["params"])
+  ctx = {"teacher": teacher}
+  s, t = nets.outputs(params, ctx, x)
+  np.testing.assert_allclose(s, _np_mlp(params, np.asarray(x)), rtol=1e-12)
+  np.testing.assert_allclose(t, _np_mlp(teacher["params"], np.asarray(x)),
+                             rtol=1e-12)
+
+  w = jax.random.normal(kg, s.shape, jnp.float64)
+
+  def joint(p, tv, xx):
+    a, b = nets.outputs(p, {"teacher": tv}, xx)
+    return jnp.sum(w * a * b) + jnp.sum(a ** 2)
+
+  def separate(p, tv, xx):
+    a = nets.student.apply({"params": p}, xx)
+    b = jax.lax.stop_gradient(nets.teacher.apply(tv, xx))
+    return jnp.sum(w * a * b) + jnp.sum(a ** 2)
+
+  got = jax.grad(joint, argnums=(0, 1, 2))(params, teacher, x)
+  ref = jax.grad(separate, argnums=(0, 1, 2))(params, teacher, x)
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(g, r, rtol=1e-11, atol=1e-13)
+  # The teacher's gradient is exactly zero; the student's and the input's
+  # are not (the comparison above has something to compare).
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(got[1]))
+  assert float(jnp.abs(got[2]).max()) > 1e-3
+  assert min(float(jnp.abs(g).max()) for g in jax.tree.leaves(got[0])) > 1e-3

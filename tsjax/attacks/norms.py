@@ -61,6 +61,13 @@ def restrict_subspace(v: jax.Array, U: jax.Array | None,
   return out.reshape(v.shape)
 
 
+def step_keeps_subspace(norm: str) -> bool:
+  """Whether a steepest-ascent step along a restricted gradient stays in the
+  subspace: yes for l2 (the step is a multiple of the gradient), no for linf
+  (its sign leaves the subspace)."""
+  return norm == "l2"
+
+
 def ascent_direction(g: jax.Array, norm: str) -> jax.Array:
   """Steepest-ascent direction for a unit step in the given norm."""
   if norm == "linf":
@@ -107,15 +114,20 @@ def fit_box(x: jax.Array, delta: jax.Array, bounds, *, exact: bool = True):
   return delta * _bcast(t, delta)
 
 
-def feasible(x, delta, eps, norm, *, U=None, restrict=None, bounds=None):
+def feasible(x, delta, eps, norm, *, U=None, restrict=None, bounds=None,
+             restricted: bool = False):
   """Maps ``delta`` to a perturbation satisfying every constraint at once.
 
   Restriction first, then the norm ball, then the box. With a restriction the
   linf ball and the box use radial rescaling so the restricted component stays
-  exactly as zero as the restriction made it.
+  exactly as zero as the restriction made it. ``restricted=True``: ``delta``
+  already lies in the allowed subspace (``step_keeps_subspace``), so the
+  restriction's two products are skipped; the ball and the box are applied
+  as with the restriction.
   """
   exact = restrict is None
-  delta = restrict_subspace(delta, U, restrict)
+  if not restricted:
+    delta = restrict_subspace(delta, U, restrict)
   delta = project_ball(delta, eps, norm, exact_linf=exact)
   return fit_box(x, delta, bounds, exact=exact)
 

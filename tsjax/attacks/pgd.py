@@ -166,7 +166,11 @@ def pgd(loss_fn: LossFn, x: jax.Array, key: jax.Array, *, eps, step_size,
       best_loss = jnp.where(better, loss, best_loss)
       g = N.restrict_subspace(g, U, restrict)
       delta = delta + step * N.ascent_direction(g, norm)
-      return N.feasible(x, delta, eps, norm, **cons), best_delta, best_loss, st
+      # l2: delta and the step both lie in the subspace already (up to
+      # rounding), so the restriction is not applied again.
+      delta = N.feasible(x, delta, eps, norm, **cons,
+                         restricted=N.step_keeps_subspace(norm))
+      return delta, best_delta, best_loss, st
 
     init_best = jnp.full((x.shape[0],), -jnp.inf, x.dtype)
     delta, best_delta, best_loss, st = jax.lax.fori_loop(

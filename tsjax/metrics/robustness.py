@@ -25,12 +25,11 @@ def robust_regression_error(nets: Networks, params, ctx, x, key,
                             att: AttackSpec) -> jax.Array:
   """Per-example worst-case MSE (mean over outputs) in the ball; [N]."""
   x_adv = att.run(disagreement(nets, params, ctx), x, key, U=ctx["U"])
-  return losses.mean_squared_error(nets.student_out(params, x_adv),
-                                   nets.teacher_out(ctx, x_adv))
+  return losses.mean_squared_error(*nets.outputs(params, ctx, x_adv))
 
 
 def clean_errors(nets: Networks, params, ctx, x) -> dict:
-  s, t = nets.student_out(params, x), nets.teacher_out(ctx, x)
+  s, t = nets.outputs(params, ctx, x)
   return {"mse": jnp.mean(losses.mean_squared_error(s, t)),
           "cls_error": jnp.mean(jnp.argmax(s, -1) != jnp.argmax(t, -1)),
           "teacher_var": jnp.mean(jnp.var(t, axis=0))}

@@ -7,6 +7,10 @@ layer's post-ReLU activations, which the specialization metric consumes. The
 parameter tree is ``{"hidden_0": {"kernel", "bias"}, ..., "out": {...}}`` with
 kernels stored ``[fan_in, fan_out]``, the same layout the synthetic teacher
 builder produces, so a teacher is just an MLP with hand-made parameters.
+
+``dense_pair`` and ``mlp_tail`` evaluate two MLPs on one input with their
+first layers as one matrix product (the teacher–student study's networks,
+``tsjax.methods.teacher_student.Networks.outputs``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,55 @@ class MLP(nn.Module):
     if return_hidden:
       return out, tuple(hiddens)
     return out
+
+
+@jax.custom_vjp
+def dense_pair(x, kernel, bias, fixed_kernel, fixed_bias):
+  """Two dense layers on one input ``x [..., d]`` as one matrix product:
+  ``(x @ kernel + bias, x @ fixed_kernel + fixed_bias)``.
+
+  The second output is held fixed under differentiation (no cotangent flows
+  from it, as under ``lax.stop_gradient``: ``fixed_*`` get zero gradients);
+  the first is differentiated as usual with respect to ``x``, ``kernel`` and
+  ``bias``. Why: for the study's small networks XLA:CPU's cost is per
+  operation, so one [.., d] x [d, m + n] product runs faster than two, and
+  the custom gradient leaves the fixed half out of the backward products.
+  """
+  return _dense_pair(x, kernel, bias, fixed_kernel, fixed_bias)
+
+
+def _dense_pair(x, kernel, bias, fixed_kernel, fixed_bias):
+  m = kernel.shape[-1]
+  out = (x @ jnp.concatenate([kernel, fixed_kernel], -1)
+         + jnp.concatenate([bias, fixed_bias], -1))
+  return out[..., :m], out[..., m:]
+
+
+def _dense_pair_fwd(x, kernel, bias, fixed_kernel, fixed_bias):
+  return (_dense_pair(x, kernel, bias, fixed_kernel, fixed_bias),
+          (x, kernel, fixed_kernel, fixed_bias))
+
+
+def _dense_pair_bwd(res, cotangents):
+  x, kernel, fixed_kernel, fixed_bias = res
+  g = cotangents[0]
+  return (g @ kernel.T, jnp.einsum("...i,...j->ij", x, g),
+          jnp.sum(g.reshape(-1, g.shape[-1]), axis=0),
+          jnp.zeros_like(fixed_kernel), jnp.zeros_like(fixed_bias))
+
+
+dense_pair.defvjp(_dense_pair_fwd, _dense_pair_bwd)
+
+
+def mlp_tail(params, h, depth: int):
+  """The rest of an ``MLP`` after its first layer: ``h`` = the first hidden
+  layer's pre-activation, ``params`` its parameter tree, ``depth`` its number
+  of hidden layers; the same products as ``MLP.__call__``."""
+  h = nn.relu(h)
+  for i in range(1, depth):
+    layer = params[f"hidden_{i}"]
+    h = nn.relu(h @ layer["kernel"] + layer["bias"])
+  return h @ params["out"]["kernel"] + params["out"]["bias"]
 
 
 def student_widths(teacher_widths: Sequence[int], multi: int) -> tuple[int, ...]:

@@ -76,7 +76,11 @@ def seed_sweep(fn: Callable, devices: Sequence[jax.Device] | None = None,
       in the last bits.
   Returns:
     ``g(*args)`` where every non-static argument has a leading axis S; the
-    outputs carry the same leading axis.
+    outputs carry the same leading axis. ``g.lower(*args)`` is ``jax.jit``'s
+    ``lower`` for those arguments: ``g.lower(*args).compile()`` compiles the
+    program ahead of the call (e.g. in a background thread, while the
+    arguments are still being computed), and the call then reuses it (JAX's
+    in-process compilation cache).
   """
   devices = list(devices) if devices is not None else jax.devices()
   ndev = len(devices)
@@ -110,7 +114,9 @@ def seed_sweep(fn: Callable, devices: Sequence[jax.Device] | None = None,
                            out_specs=P(AXIS), check_vma=False)(*dyn)
     return jit(sharded)
 
-  def call(*args):
+  def prepare(args):
+    """(the jitted program for these arguments, its dynamic arguments, the
+    number of seeds, the padding added to split them over the devices)."""
     static_vals = {i: args[i] for i in static_argnums}
     dyn = [a for i, a in enumerate(args) if i not in static_vals]
     s = _leading(dyn)
@@ -123,11 +129,20 @@ def seed_sweep(fn: Callable, devices: Sequence[jax.Device] | None = None,
     cache_key = tuple(sorted(static_vals.items()))
     if cache_key not in compiled:
       compiled[cache_key] = build(static_vals)
-    out = compiled[cache_key](*dyn)
+    return compiled[cache_key], dyn, s, pad
+
+  def call(*args):
+    program, dyn, s, pad = prepare(args)
+    out = program(*dyn)
     if pad:
       out = jax.tree.map(lambda a: a[:s], out)
     return out
 
+  def lower(*args):
+    program, dyn, _, _ = prepare(args)
+    return program.lower(*dyn)
+
+  call.lower = lower
   return call
 
 
