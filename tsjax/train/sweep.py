@@ -22,6 +22,8 @@ does.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Callable, Sequence
 
 import jax
@@ -52,6 +54,20 @@ RUN_ONCE = {"xla_backend_optimization_level": 0}
 # teacher-student evaluation: 1.95 s -> 1.5 s of compiling, 3.3 -> 2.5
 # CPU-s, the same run time; bitwise the same metrics in the runs checked).
 RUN_FEW = {"xla_backend_optimization_level": 1}
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _pad_seeds(tree, pad: int):
+  """Every leaf's leading (seed) axis extended by ``pad`` copies of its last
+  seed; one program for the whole tree."""
+  return jax.tree.map(
+      lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), tree)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _first_seeds(tree, s: int):
+  """The first ``s`` seeds of every leaf; one program for the whole tree."""
+  return jax.tree.map(lambda a: a[:s], tree)
 
 
 def seed_sweep(fn: Callable, devices: Sequence[jax.Device] | None = None,
@@ -87,8 +103,8 @@ def seed_sweep(fn: Callable, devices: Sequence[jax.Device] | None = None,
   static_argnums = tuple(static_argnums)
   mesh = Mesh(np.array(devices), (AXIS,)) if ndev > 1 else None
   # Across processes the arguments must be global arrays on the seed mesh.
-  place = (NamedSharding(mesh, P(AXIS))
-           if mesh is not None and mesh.is_multi_process else None)
+  multi_process = mesh is not None and mesh.is_multi_process
+  place = NamedSharding(mesh, P(AXIS)) if multi_process else None
   compiled = {}
 
   def build(static_vals):
@@ -122,8 +138,7 @@ def seed_sweep(fn: Callable, devices: Sequence[jax.Device] | None = None,
     s = _leading(dyn)
     pad = (-s) % ndev
     if pad:
-      dyn = jax.tree.map(
-          lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), dyn)
+      dyn = settle(_pad_seeds(dyn, pad))
     if place is not None:
       dyn = to_global(dyn, place)
     cache_key = tuple(sorted(static_vals.items()))
@@ -131,12 +146,20 @@ def seed_sweep(fn: Callable, devices: Sequence[jax.Device] | None = None,
       compiled[cache_key] = build(static_vals)
     return compiled[cache_key], dyn, s, pad
 
+  def settle(tree):
+    # Across processes every program that communicates (here: gathering
+    # the seeds of a sharded result) must run in the same order on every
+    # process; XLA:CPU runs independent programs concurrently, and two in
+    # flight at once can pair their collectives across processes wrongly and
+    # deadlock (seen with 2 seeds on 4 devices). So each waits here.
+    return jax.block_until_ready(tree) if multi_process else tree
+
   def call(*args):
     program, dyn, s, pad = prepare(args)
     out = program(*dyn)
     if pad:
-      out = jax.tree.map(lambda a: a[:s], out)
-    return out
+      out = _first_seeds(out, s)
+    return settle(out)
 
   def lower(*args):
     program, dyn, _, _ = prepare(args)
