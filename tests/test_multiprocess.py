@@ -305,6 +305,36 @@ def test_teacher_student_sweep_two_processes_equals_one(make_small_config,
   assert len(rows) == len(ref["metrics"]) * 2   # regimes x seeds, once each
 
 
+
+def _padding_sweeps():
+  """Two seed sweeps whose seeds (2) do not fill the devices (4), chained so
+  that every call pads its inputs and un-pads 16 outputs."""
+  import jax
+  from tsjax.train import seed_sweep
+  make = seed_sweep(lambda k: {f"l{i}": jax.random.normal(
+      jax.random.fold_in(k, i), (64, 3 + i)) for i in range(16)})
+  step = seed_sweep(lambda t: jax.tree.map(lambda a: a * 2 + 1, t))
+  return make, step
+
+
+def test_seed_sweep_padding_across_processes(tmp_path):
+  """Across processes, padding and un-padding the seeds must not deadlock:
+  before ``seed_sweep`` waited for each, the un-padding slices of many
+  leaves ran concurrently and paired their collectives wrongly (this
+  task hung in 2 of 4 runs with 20 rounds); the results equal one
+  process's."""
+  import jax
+  from tsjax.train import seed_keys
+  launch("padding", tmp_path, tmp_path, timeout=120, slurm=True)
+  make, step = _padding_sweeps()
+  x = make(seed_keys(0, 2))
+  for _ in range(PADDING_ROUNDS):
+    x = step(x)
+  for pid in range(2):
+    got = np.load(tmp_path / f"padding_{pid}.npz")
+    for k, v in x.items():
+      np.testing.assert_allclose(got[k], np.asarray(v), rtol=1e-12)
+
 # --------------------------------------------------------------- the workers
 def _fast(out_dir):
   """Library pieces across the processes; each writes what it saw."""
@@ -515,14 +545,29 @@ def _teacher_student(out_dir, workdir):
   np.savez(os.path.join(out_dir, f"ts_{jax.process_index()}.npz"), **flat)
 
 
+PADDING_ROUNDS = 40
+
+
+def _padding(out_dir):
+  import jax
+  from tsjax.train import distributed, seed_keys
+  assert jax.process_count() == 2 and jax.device_count() == 4
+  make, step = _padding_sweeps()
+  x = make(seed_keys(0, 2))
+  for _ in range(PADDING_ROUNDS):
+    x = step(x)
+  np.savez(os.path.join(out_dir, f"padding_{jax.process_index()}.npz"),
+           **distributed.to_host(x))
+
+
 TASKS = {"fast": _fast, "train": _train, "evaluate": _evaluate,
-         "teacher_student": _teacher_student}
+         "teacher_student": _teacher_student, "padding": _padding}
 
 
 def _worker(task, address, pid, num_processes, *args):
   import jax
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if task == "fast":   # the experiments start it from their config instead
+  if task in ("fast", "padding"):   # the experiments start it from their config
     from tsjax.train import distributed
     assert distributed.initialize({"auto": True})   # SLURM variables
     assert jax.process_index() == int(pid)
