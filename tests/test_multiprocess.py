@@ -323,7 +323,6 @@ def test_seed_sweep_padding_across_processes(tmp_path):
   leaves ran concurrently and paired their collectives wrongly (this
   task hung in 2 of 4 runs with 20 rounds); the results equal one
   process's."""
-  import jax
   from tsjax.train import seed_keys
   launch("padding", tmp_path, tmp_path, timeout=120, slurm=True)
   make, step = _padding_sweeps()
@@ -334,6 +333,7 @@ def test_seed_sweep_padding_across_processes(tmp_path):
     got = np.load(tmp_path / f"padding_{pid}.npz")
     for k, v in x.items():
       np.testing.assert_allclose(got[k], np.asarray(v), rtol=1e-12)
+
 
 # --------------------------------------------------------------- the workers
 def _fast(out_dir):

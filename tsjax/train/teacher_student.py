@@ -20,6 +20,7 @@ field, before anything is traced) and exposes the pieces of one seed's run:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,50 @@ from tsjax.train.loop import train_steps
 from tsjax.train.state import TrainState, make_train_step
 from tsjax.train.sweep import seed_sweep
 
-REGIMES = ("standard", "pgd_at", "ccat", "offsubspace", "robust_features")
-TRAINED_ON_SYNTHESIZED = ("robust_features",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Regime:
+  """One training regime of the study.
+
+  ``make_loss(study)``: its training loss (the tsjax method signature),
+  built from the study's networks, attack scales and config.
+  ``step_cost(config)``: the relative time of one of its training steps (a
+  standard step = 1) as measured on a CPU with the default config; it
+  balances regimes trained side by side over devices. ``synthesized``:
+  trained on a data set synthesised from another regime's final students.
+  """
+  make_loss: Callable[[Any], Callable]
+  step_cost: Callable[[Any], float] = lambda config: 1.0
+  synthesized: bool = False
+
+
+def _adversarial_cost(config) -> float:
+  # ~1.5 per forward-backward pass: the attack steps and the update.
+  return 1.5 * (int(config.adv.steps) + 1)
+
+
+def _offsubspace_loss(study):
+  c = study.config
+  std = synthetic.fullrank_std(c.data.sigma, c.data.d, c.data.k)
+  return offsubspace.make_ts_loss(study.nets, scale=c.offsubspace.scale * std,
+                                  fraction=c.offsubspace.fraction)
+
+
+REGISTRY = {
+    "standard": Regime(lambda s: standard.make_ts_loss(s.nets)),
+    "pgd_at": Regime(lambda s: pgd_at.make_ts_loss(s.nets, s.scales.adv),
+                     _adversarial_cost),
+    "ccat": Regime(lambda s: ccat.make_ts_loss(
+        s.nets, s.scales.adv, rho=s.config.ccat.rho,
+        clean_fraction=s.config.ccat.clean_fraction), _adversarial_cost),
+    # ~4: the noise draws.
+    "offsubspace": Regime(_offsubspace_loss, lambda config: 4.0),
+    "robust_features": Regime(lambda s: standard.make_ts_loss(s.nets),
+                              synthesized=True),
+}
+REGIMES = tuple(REGISTRY)
+TRAINED_ON_SYNTHESIZED = tuple(r for r in REGIMES if REGISTRY[r].synthesized)
 ATTACK_RESTRICTIONS = {"full": None, "in": "in", "orth": "orth"}
 DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
 
@@ -192,29 +235,13 @@ class TeacherStudent:
     return optax.chain(*parts)
 
   def _loss(self, regime):
-    c, nets, adv = self.config, self.nets, self.scales.adv
-    if regime in ("standard",) + TRAINED_ON_SYNTHESIZED:
-      return standard.make_ts_loss(nets)
-    if regime == "pgd_at":
-      return pgd_at.make_ts_loss(nets, adv)
-    if regime == "ccat":
-      return ccat.make_ts_loss(nets, adv, rho=c.ccat.rho,
-                               clean_fraction=c.ccat.clean_fraction)
-    if regime == "offsubspace":
-      std = synthetic.fullrank_std(c.data.sigma, c.data.d, c.data.k)
-      return offsubspace.make_ts_loss(nets, scale=c.offsubspace.scale * std,
-                                      fraction=c.offsubspace.fraction)
-    raise ValueError(f"unknown regime {regime!r}; expected one of {REGIMES}")
+    return REGISTRY[regime].make_loss(self)
 
   def train_cost(self, regime) -> float:
     """Relative time of one training step of ``regime`` (a standard step =
-    1), as measured on a CPU with the default config: an adversarial step
-    (PGD-AT, CCAT) ~1.5 per forward-backward pass (attack steps + update),
-    an off-subspace step ~4 (the noise draws). Used to balance regimes
-    trained side by side over devices."""
-    if regime in ("pgd_at", "ccat"):
-      return 1.5 * (int(self.config.adv.steps) + 1)
-    return 4.0 if regime == "offsubspace" else 1.0
+    1; ``Regime.step_cost``): used to balance regimes trained side by side
+    over devices."""
+    return REGISTRY[regime].step_cost(self.config)
 
   def problem(self, key) -> dict:
     """One seed's subspace, teacher, data sets and student initialisation."""
