@@ -105,7 +105,7 @@ def compile_ahead(pool, evaluate, eval_args, study, place, states) -> list:
   training round runs, from its still-pending final states; the evaluation
   then reuses the program. Regimes side by side only: there the devices of
   the lighter regimes finish early and a core idles until the heaviest is
-  done (measured: the 3-regime protocol ~0.6 s faster on 2 cores). Regimes
+  done (measured: the 3-regime protocol ~0.7 s faster on 2 cores). Regimes
   evaluated on a synthesised data set are left to compile when evaluated.
   """
   plain = [r for r in study.regimes if r not in ts.TRAINED_ON_SYNTHESIZED]
