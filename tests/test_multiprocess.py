@@ -3,10 +3,11 @@
 1 process x 4 devices (this pytest process, see conftest.py) with the same
 global batch.
 
-The fast test checks the library pieces in one pair of processes (start-up
+The fast tests check the library pieces in one pair of processes (start-up
 from a config section, masked evaluation over sharded batches, seed sweeps
 over all devices, Orbax checkpoints, main-process-only files, AutoAttack split
-between the processes). The slow ones run ``experiments.train`` (and a
+between the processes) and that chained seed sweeps which pad their seeds do
+not deadlock across processes. The slow ones run ``experiments.train`` (and a
 resume), ``experiments.evaluate`` and the teacher–student study end to end.
 
 This file is also the worker: ``python tests/test_multiprocess.py TASK
@@ -317,15 +318,15 @@ def _padding_sweeps():
   return make, step
 
 
-@pytest.mark.slow
 def test_seed_sweep_padding_across_processes(tmp_path):
   """Across processes, padding and un-padding the seeds must not deadlock:
   before ``seed_sweep`` waited for each, the un-padding slices of many
   leaves ran concurrently and paired their collectives wrongly (this
   task hung in 2 of 4 runs with 20 rounds). Both processes see the
-  closed form of the chained sweeps. Marked slow: under pytest-xdist, in
-  the full default suite, the worker running it aborted twice (cause not
-  found; alone it passes)."""
+  closed form of the chained sweeps. The pytest worker itself runs no JAX:
+  an earlier version that computed the reference in the worker saw that
+  worker abort twice under pytest-xdist in the full suite; this one passed
+  the full suite and three xdist runs of this file next to another."""
   launch("padding", tmp_path, tmp_path, timeout=120, slurm=True)
   runs = [np.load(tmp_path / f"padding_{pid}.npz") for pid in range(2)]
   scale = 2.0 ** PADDING_ROUNDS          # x -> 2 x + 1, PADDING_ROUNDS times
