@@ -57,6 +57,13 @@ What a user runs, timed from the outside:
   ``--torch-max-seeds M`` stops that run after M seeds and extrapolates
   linearly (start-up + per-seed mean x n; marked ``extrapolated``).
 
+  ``--pairs R`` measures the smallest N R times as interleaved pairs (tsjax
+  cold and warm launches, then PyTorch) and reports the median of the
+  pairs' ratios: on a machine whose speed drifts (on the development VM the
+  same PyTorch protocol took 174-396 s within hours) each ratio then
+  compares two runs minutes apart, not tsjax's time at the start of the
+  benchmark with PyTorch's at its end.
+
 **Sanity check (not identity).** The two implementations draw different
 random numbers, so the same seed gives different teachers and numbers in each
 framework; what must agree is the range of the results. The script prints
@@ -76,6 +83,7 @@ Run from the repository root::
 
   python benchmarks/ts_protocol.py                      # N = 3, 8, 32
   python benchmarks/ts_protocol.py --seeds 3            # the issue's protocol
+  python benchmarks/ts_protocol.py --seeds 3 --pairs 3  # ... 3 interleaved pairs
   python benchmarks/ts_protocol.py --torch-max-seeds 8   # N=32 extrapolated
   python benchmarks/ts_protocol.py --quick              # ~1-2 min sanity run
 
@@ -441,6 +449,10 @@ def parse_args(argv=None):
                  help="comma-separated torch.set_num_threads values tried on "
                       "the smallest N (default: os.cpu_count(),1); the "
                       "fastest is the reference for every N")
+  p.add_argument("--pairs", type=int, default=1,
+                 help="time the smallest N this many times as interleaved "
+                      "pairs (tsjax cold + warm, then PyTorch) and report "
+                      "the median of the pairs' ratios (default 1)")
   p.add_argument("--torch-max-seeds", type=int, default=0,
                  help="run the PyTorch reference for at most this many seeds"
                       " and extrapolate larger N linearly (0: run them all)")
@@ -474,6 +486,8 @@ def parse_args(argv=None):
                                        if t.strip()))
   if not a.torch_threads or min(a.torch_threads) < 1:
     p.error("--torch-threads takes positive integers")
+  if a.pairs < 1:
+    p.error(f"--pairs takes a positive integer, got {a.pairs}")
   overrides = dict(QUICK_SET) if a.quick else {}
   for item in a.set:
     if "=" not in item:
@@ -759,6 +773,14 @@ def results_md_lines(result: dict, machine: dict, command: str) -> list:
                  f"{r['tsjax_warm_s']:.1f} | {r['torch_s']:.1f}{mark} | "
                  f"**{r['speedup_cold']:.2f}×** | {r['speedup_warm']:.2f}× | "
                  f"{r['tsjax_cold_cpu_s']:.1f} | {r['tsjax_warm_cpu_s']:.1f} |")
+  paired = [r for r in rows if r.get("pairs") and len(r["pairs"]) > 1]
+  for r in paired:
+    fmt = lambda k, f: ", ".join(format(p[k], f) for p in r["pairs"])
+    lines += ["", f"N = {r['num_seeds']}: {len(r['pairs'])} interleaved "
+              f"pairs (tsjax cold and warm launches, then PyTorch); the row "
+              f"gives the medians. Cold speed-ups {fmt('speedup_cold', '.2f')}"
+              f"; tsjax cold {fmt('tsjax_cold_s', '.1f')} s; PyTorch "
+              f"{fmt('torch_s', '.1f')} s."]
   cores = machine["cpu_count"]
   lines += ["", f"CPU s = user + system time of the launch (all threads); "
             f"on {cores} cores no schedule can finish a launch in less than "
@@ -767,6 +789,29 @@ def results_md_lines(result: dict, machine: dict, command: str) -> list:
   lines.append(f"Agreement checks ({verdict}): " + "; ".join(
       f"{c['name']}: {c['detail']}" for c in result["agreement"]) + ".")
   return lines
+
+
+def tsjax_cold_warm(n: int, args) -> dict:
+  """A cold launch (empty compilation cache) and a warm one (same cache)."""
+  cache = tempfile.mkdtemp(prefix=f"ts_protocol_jaxcache_N{n}_")
+  cold = run_tsjax(n, args.overrides, cache, "cold", args.keep_workdirs)
+  warm = run_tsjax(n, args.overrides, cache, "warm", args.keep_workdirs)
+  if not args.keep_workdirs:
+    shutil.rmtree(cache, ignore_errors=True)
+  return {"cold": cold, "warm": warm,
+          "cache_dir": cache if args.keep_workdirs else None}
+
+
+def pair_row(pair: dict) -> dict:
+  """Times and ratios of one tsjax (cold, warm) + PyTorch measurement."""
+  tj, t_torch = pair["tsjax"], pair["torch"]["wall_s"]
+  return {"tsjax_cold_s": tj["cold"]["wall_s"],
+          "tsjax_warm_s": tj["warm"]["wall_s"],
+          "tsjax_cold_cpu_s": tj["cold"]["cpu_s"],
+          "tsjax_warm_cpu_s": tj["warm"]["cpu_s"],
+          "torch_s": t_torch,
+          "speedup_cold": t_torch / tj["cold"]["wall_s"],
+          "speedup_warm": t_torch / tj["warm"]["wall_s"]}
 
 
 def main(argv=None) -> None:
@@ -797,21 +842,25 @@ def main(argv=None) -> None:
   os.close(fd)
   pathlib.Path(cfg_path).write_text(json.dumps(cfg))
 
-  # ---- tsjax: cold and warm per N
-  tsjax_runs = {}
-  for n in args.seeds:
-    cache = tempfile.mkdtemp(prefix=f"ts_protocol_jaxcache_N{n}_")
-    cold = run_tsjax(n, args.overrides, cache, "cold", args.keep_workdirs)
-    warm = run_tsjax(n, args.overrides, cache, "warm", args.keep_workdirs)
-    tsjax_runs[n] = {"cold": cold, "warm": warm,
-                     "cache_dir": cache if args.keep_workdirs else None}
-    if not args.keep_workdirs:
-      shutil.rmtree(cache, ignore_errors=True)
-
-  # ---- PyTorch: thread counts on the smallest N, then the reference
+  # ---- the smallest N: tsjax (cold, warm) and PyTorch in interleaved
+  # pairs, the first pair also choosing PyTorch's thread count
   n_min = min(args.seeds)
-  probes = {t: run_torch(cfg_path, t, n_min) for t in args.torch_threads}
-  ref_threads = min(probes, key=lambda t: probes[t]["wall_s"])
+  pairs, probes = [], {}
+  for i in range(args.pairs):
+    tj = tsjax_cold_warm(n_min, args)
+    tried = args.torch_threads if i == 0 else [ref_threads]
+    runs = {t: run_torch(cfg_path, t, n_min) for t in tried}
+    if i == 0:
+      probes = runs
+      ref_threads = min(probes, key=lambda t: probes[t]["wall_s"])
+    pairs.append({"tsjax": tj, "torch": runs[ref_threads]})
+    print(f"  pair {i + 1}/{args.pairs}: PyTorch / tsjax cold = "
+          f"{pair_row(pairs[-1])['speedup_cold']:.2f}x", flush=True)
+  # ---- larger N: tsjax alone; PyTorch's reference run below
+  tsjax_runs = {n_min: pairs[0]["tsjax"]}
+  for n in args.seeds:
+    if n != n_min:
+      tsjax_runs[n] = tsjax_cold_warm(n, args)
   ref = probes[ref_threads]
   n_torch = min(n_max, args.torch_max_seeds or n_max)
   if n_torch > n_min:
@@ -821,25 +870,21 @@ def main(argv=None) -> None:
   rows = []
   for n in args.seeds:
     if n == n_min:
-      t_torch, extrap = probes[ref_threads]["wall_s"], False
-      src = probes[ref_threads]
+      per_pair = [pair_row(p) for p in pairs]
+      row = {k: statistics.median(r[k] for r in per_pair)
+             for k in per_pair[0]}
+      row.update(torch_extrapolated=False, pairs=per_pair,
+                 torch_by_threads_s={t: p["wall_s"] for t, p in probes.items()})
+      src = pairs[0]["torch"]
     else:
       t_torch, extrap = torch_time(ref, n)
+      row = pair_row({"tsjax": tsjax_runs[n], "torch": {"wall_s": t_torch}})
+      row.update(torch_extrapolated=extrap, pairs=None,
+                 torch_by_threads_s=None)
       src = ref
-    tj = tsjax_runs[n]
     rows.append({
-        "num_seeds": n,
-        "tsjax_cold_s": tj["cold"]["wall_s"],
-        "tsjax_warm_s": tj["warm"]["wall_s"],
-        "tsjax_cold_cpu_s": tj["cold"]["cpu_s"],
-        "tsjax_warm_cpu_s": tj["warm"]["cpu_s"],
-        "torch_s": t_torch, "torch_threads": ref_threads,
-        "torch_extrapolated": extrap,
-        "torch_by_threads_s": ({t: p["wall_s"] for t, p in probes.items()}
-                               if n == n_min else None),
-        "speedup_cold": t_torch / tj["cold"]["wall_s"],
-        "speedup_warm": t_torch / tj["warm"]["wall_s"],
-        "tsjax": tj,
+        "num_seeds": n, **row, "torch_threads": ref_threads,
+        "tsjax": tsjax_runs[n],
         "torch_breakdown": {k: src[k] for k in (
             "wall_s", "num_seeds", "startup_s", "seed_s", "train_s", "eval_s",
             "threads")},
