@@ -41,7 +41,7 @@ import platform
 
 import jax
 import jax.numpy as jnp
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 import numpy as np
 
 from experiments import common, train
@@ -330,7 +330,8 @@ def plot(rows, workdir: str) -> None:
   success_per_unit.png (per teacher unit: best correlation, mean per method)."""
   n_layers = min(r["num_layers"] for r in rows)
   names = list(dict.fromkeys(r["method"] for r in rows))
-  fig, axes = plt.subplots(1, n_layers, figsize=(4 * n_layers, 3.5), squeeze=False)
+  fig = Figure(figsize=(4 * n_layers, 3.5))
+  axes = fig.subplots(1, n_layers, squeeze=False)
   for li, ax in enumerate(axes[0]):
     for m in names:
       sel = [r for r in rows if r["method"] == m]
@@ -340,8 +341,8 @@ def plot(rows, workdir: str) -> None:
   axes[0][-1].legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "specialization_vs_robustness.png"), dpi=120)
-  plt.close(fig)
-  fig, axes = plt.subplots(1, n_layers, figsize=(4 * n_layers, 3.5), squeeze=False)
+  fig = Figure(figsize=(4 * n_layers, 3.5))
+  axes = fig.subplots(1, n_layers, squeeze=False)
   for li, ax in enumerate(axes[0]):
     for m in names:
       per_unit = np.mean([r[f"success_clean/layer{li}"] for r in rows
@@ -352,7 +353,6 @@ def plot(rows, workdir: str) -> None:
   axes[0][-1].legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "success_per_unit.png"), dpi=120)
-  plt.close(fig)
 
 
 if __name__ == "__main__":

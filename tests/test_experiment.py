@@ -130,22 +130,29 @@ def test_two_regimes_side_by_side_equal_one_device(tmp_path):
 
 
 
-def test_evaluation_compiled_ahead_is_reused(tmp_path, monkeypatch):
-  """Side by side, the evaluation is compiled in a background thread while
-  the last round trains (``compile_ahead``); the evaluation then reuses that
-  program: no more compiles than without it, and bitwise the same metrics."""
+def test_programs_compiled_ahead_are_reused(tmp_path, monkeypatch):
+  """Side by side, the training chunks are compiled in a background thread
+  from the shapes alone while the set-up runs (``compile_training_ahead``),
+  and the evaluation while the last round trains (``compile_ahead``); the
+  run then reuses those programs: no more compiles than without either, and
+  bitwise the same metrics."""
   c = tiny_config(regimes=("standard", "offsubspace"),
                   **{"train.steps": 20, "checkpoint_every": 10})
   devices = jax.devices()[:2]
-  submitted = []
-  real = exp.compile_ahead
+  evals, trains = [], {}
+  real_eval, real_train = exp.compile_ahead, exp.compile_training_ahead
   monkeypatch.setattr(exp, "compile_ahead",
-                      lambda *a: submitted.extend(real(*a)) or submitted)
+                      lambda *a: evals.extend(real_eval(*a)) or evals)
+  monkeypatch.setattr(exp, "compile_training_ahead",
+                      lambda *a: trains.update(real_train(*a)) or dict(trains))
   jax.clear_caches()
   with compile_events() as events:
     ahead = exp.run(c, str(tmp_path / "ahead"), progress=False, devices=devices)
-  assert len(submitted) == 1 and submitted[0].done()
+  assert len(evals) == 1 and evals[0].done()
+  assert sorted(trains) == ["offsubspace", "standard"]
+  assert all(f.done() and f.exception() is None for f in trains.values())
   monkeypatch.setattr(exp, "compile_ahead", lambda *a: [])
+  monkeypatch.setattr(exp, "compile_training_ahead", lambda *a: {})
   jax.clear_caches()
   with compile_events() as plain_events:
     plain = exp.run(c, str(tmp_path / "plain"), progress=False,
@@ -153,6 +160,9 @@ def test_evaluation_compiled_ahead_is_reused(tmp_path, monkeypatch):
   assert events.count(BACKEND_COMPILE) == plain_events.count(BACKEND_COMPILE)
   jax.tree.map(np.testing.assert_array_equal, ahead["metrics"],
                plain["metrics"])
+  for r in c.regimes:
+    jax.tree.map(np.testing.assert_array_equal, ahead["states"][r].params,
+                 plain["states"][r].params)
 
 def test_placement_balances_regimes_by_cost():
   study = ts_lib.TeacherStudent(tiny_config(
