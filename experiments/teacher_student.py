@@ -134,8 +134,9 @@ def compile_training_ahead(pool, trainers, study, config, place,
   problems' data in ``pool`` (a background thread), from the shapes alone,
   while the set-up compiles and runs; ``{regime: future}``. Regimes side by
   side only: there the set-up leaves a core idle (measured: the 3-regime
-  protocol 0.7 s faster on 2 cores, on average over 12 interleaved pairs). ``train_all`` waits for a regime's
-  future before its first chunk, so nothing compiles twice."""
+  protocol 0.7 s faster on 2 cores, on average over 12 interleaved pairs).
+  ``train_all`` waits for a regime's future before its first chunk, so
+  nothing compiles twice."""
   if not place.side_by_side:
     return {}
   steps = min(int(config.checkpoint_every or config.train.steps),
@@ -254,8 +255,7 @@ def chunk_rounds(study, config) -> list[list[tuple[str, int, int]]]:
 
 
 def train_all(study, config, workdir, datasets, seeds, say, trainers, ready,
-              *,
-              progress: bool, stop_after_chunks: int | None,
+              *, progress: bool, stop_after_chunks: int | None,
               on_dispatched=None):
   """Every regime's training in checkpointed rounds of chunks (resuming
   after the last saved round); the final states, or None when stopped
