@@ -39,7 +39,6 @@ from tsjax.train.state import TrainState, make_train_step
 from tsjax.train.sweep import seed_sweep
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Regime:
   """One training regime of the study.
