@@ -13,7 +13,9 @@ tiny_imagenet), one method of ``tsjax.methods.REGISTRY``, optionally
 ``smoke`` (a few steps on a data subset; what the tests run) and
 ``offsubspace_aug`` (an ``offsubspace`` section: half of each batch moved off
 the training images' PCA subspace before the method's loss, e.g.
-``fashion_mnist,rslad,offsubspace_aug``; ``tsjax.methods.offsubspace``).
+``fashion_mnist,rslad,offsubspace_aug``; ``tsjax.methods.offsubspace``) and,
+with ``advfunmatch``, ``adaad`` (every choice of AdaAD, the closest public
+code, instead of tsjax's documented defaults: ``_adaad``).
 
 ``method.options`` starts from the method's ``Options`` defaults;
 ``RECIPES[method]`` then sets what the paper's code runs. Fashion-MNIST
@@ -95,6 +97,7 @@ def _base(dataset: str, method: str) -> ml_collections.ConfigDict:
   c.train.schedule = "piecewise"
   c.train.boundaries = (2, 3)    # 0-based epochs that start at the next rate
   c.train.lr_factor = 0.1
+  c.train.lr_at = "step_start"   # or "step_end" (Rice et al.'s per-step lr)
   c.train.warmup_epochs = 0.0
   c.train.ema_decay = 0.0        # > 0: keep an EMA of the parameters
   c.train.swa_start_epoch = ml_collections.FieldReference(None, field_type=int)
@@ -106,12 +109,19 @@ def _base(dataset: str, method: str) -> ml_collections.ConfigDict:
   c.eval.pgd_steps = 20           # final evaluation: PGD-20
   c.eval.pgd_step_size = ml_collections.FieldReference(None, field_type=float)
   c.eval.val_pgd_steps = 10       # model selection: PGD-10
-  c.eval.val_subset = 1000        # examples used for model selection
+  # The selection attack's step (None: 2.5 eps / val_pgd_steps); independent
+  # of eval.pgd_step_size, so changing the test attack keeps the selection.
+  c.eval.val_pgd_step_size = ml_collections.FieldReference(None,
+                                                           field_type=float)
+  # Examples used for model selection (None: the whole selection set).
+  c.eval.val_subset = ml_collections.FieldReference(1000, field_type=int)
   c.eval.select_on = "val"        # or "test": the references' protocol
   c.eval.select_metric = "pgd/acc"
   c.eval.autoattack_subset = 0    # > 0: AutoAttack on the first N test examples
   c.eval.autoattack_version = "standard"
-  c.eval.autoattack_params = ("last", "best", "ema", "swa")   # which to attack
+  # Which parameter sets AutoAttack evaluates (swa_best: the SWA average of
+  # the epoch with the best validation metric of the average itself).
+  c.eval.autoattack_params = ("last", "best", "ema", "swa", "swa_best")
 
   # Several processes (jax.distributed; tsjax.train.distributed.settings):
   # auto=True joins the cluster JAX detects (SLURM srun, Open MPI, TPU pods);
@@ -136,6 +146,10 @@ def _paper_base(c, dataset):
   c.train.batch_size = 128
   c.teacher.model.name = "wrn34_10"
   c.eval.autoattack_subset = 10000
+  # The whole selection set: 1000 held-out training images, or with
+  # select_on="test" all 10k test images, as PeerAiD (main.py test()), IAD
+  # (IAD-I.py:243-252) and AdaAD (main.py test(), batches of 400) select.
+  c.eval.val_subset = None
   del dataset
 
 
@@ -154,10 +168,25 @@ def _distill_paper(c, dataset, epochs=200, boundaries=(100,)):
 
 def _pgd_at(c, dataset):
   if dataset in PAPER_DATASETS:
-    c.reference = "Rice et al. / Pang et al. (bag of tricks) PGD-AT"
+    # locuslab/robust_overfitting train_cifar.py as executed (its defaults):
+    # PreActResNet18 on normalised inputs (:23, :90), SGD 0.1 / 0.9 / 5e-4
+    # on every parameter (:230), 200 epochs, piecewise 0.1 / 0.01 / 0.001 at
+    # t / epochs = 0.5 / 0.75 with t = epoch + (i + 1) / batches (:248-255,
+    # :306: the rate at the end of each step), reflect-padded crop + flip
+    # (utils.py:26-27, :182), PGD-10 2/255 from a uniform start with the
+    # model in train mode (:294, :316, :70-96), then a train-mode clean pass
+    # after the step (:339); test-time PGD-10 2/255, 1 restart, eval mode
+    # (:353-366), the best epoch by that PGD-10 accuracy (:441).
+    c.reference = "locuslab/robust_overfitting train_cifar.py (Rice et al.)"
     c.model.name = "preact_resnet18"
+    c.augment = "crop_flip_reflect"
+    c.method.attack.bn_mode = "train"
+    c.method.options.clean_bn_pass = True
     c.train.lr, c.train.weight_decay = 0.1, 5e-4
-    c.train.epochs, c.train.boundaries = 110, (100, 105)
+    c.train.epochs, c.train.boundaries = 200, (100, 150)
+    c.train.lr_at = "step_end"
+    c.eval.pgd_steps, c.eval.pgd_step_size = 10, 2 / 255
+    c.eval.val_pgd_step_size = 2 / 255
     c.eval.autoattack_subset = 0
 
 
@@ -193,8 +222,20 @@ def _ccat(c, dataset):
     c.train.schedule, c.train.lr_factor, c.train.epochs = (
         "step_exponential", 0.95, 200)
     c.eval.eps = 0.03
-    c.method.options.eval_restarts = 10
     c.eval.autoattack_subset = 0
+  else:
+    # The paper's evaluation rows at a CPU budget: 100 iterations, fewer
+    # attempts (the reference's iteration / lr-factor pairing kept).
+    c.method.options.eval_attacks = (("conf", "zero", 100, 0.005, 1.25, 1),
+                                     ("conf", "uniform", 100, 0.005, 1.25, 3),
+                                     ("ce", "uniform", 100, 0.005, 1.25, 3))
+  # Raw [0, 1] inputs (models/classifier.py:43, whiten=False by default).
+  c.model.normalize = False
+  if dataset in PAPER_DATASETS:
+    # One of {crop, flip, contrast} per image (config/cifar10.py:24-26,
+    # tsjax.data.augment.ccat_augment); MNIST runs none (config/mnist.py:25-27)
+    # and so does the Fashion-MNIST budget.
+    c.augment = "ccat"
 
 
 def _kd(c, dataset):
@@ -220,6 +261,7 @@ def _iad(c, dataset):
   if dataset in PAPER_DATASETS:
     c.reference = "ZFancy/IAD IAD-I.py"      # lr as ARD's (IAD-I.py:49-53)
     _distill_paper(c, dataset, 200, (100,))
+    c.eval.pgd_step_size = 2 / 255         # basic_eval.py:51, PGD-20 2/255
   else:
     c.method.options.begin_epoch = 1
 
@@ -299,6 +341,20 @@ def offsubspace_section(c) -> ml_collections.ConfigDict:
   return s
 
 
+def _adaad(c, dataset):
+  """The ``adaad`` modifier of ``advfunmatch``: boyellow/AdaAD main.py's
+  choices where tsjax's defaults differ: weight decay 5e-4 (main.py:64),
+  a train-mode clean pass before the adversarial one (main.py:333-334), the
+  KL reduced by B * C on CIFAR-10 (main.py:342-345, ``nn.KLDivLoss()``) and
+  by B on CIFAR-100 (main.py:347-351), the last attack iterate
+  (AT_helper.py:22-48)."""
+  c.reference = "boyellow/AdaAD main.py, AT_helper.py (alpha = 1)"
+  c.train.weight_decay = 5e-4
+  c.method.options.clean_pass = True
+  c.method.options.reduction = "batchmean" if dataset == "cifar100" else "mean"
+  c.method.attack.keep_best = False
+
+
 RECIPES = {"pgd_at": _pgd_at, "trades": _trades, "ccat": _ccat,
            "offsubspace": _offsubspace, "kd": _kd, "ard": _ard, "iad": _iad,
            "rslad": _rslad, "funmatch": _funmatch,
@@ -331,6 +387,9 @@ def _smoke(c, dataset):
     c.train.swa_start_epoch = 1
   if "begin_epoch" in c.method.options:
     c.method.options.begin_epoch = 1
+  if "eval_attacks" in c.method.options:
+    c.method.options.eval_attacks = (("conf", "zero", 3, 0.01, 1.5, 1),
+                                     ("ce", "uniform", 3, 0.01, 1.5, 2))
   c.teacher.model.name = "small_cnn"
   if dataset != "fashion_mnist" or methods.get(c.method.name).needs_teacher:
     c.model.name, c.model.normalize = "small_cnn", True
@@ -338,15 +397,17 @@ def _smoke(c, dataset):
                                                 "hidden": 32})
 
 
+MODIFIERS = ("smoke", "offsubspace_aug", "adaad")
+
+
 def parse_variant(arg: str, default_method: str = "pgd_at"):
   parts = [p.strip() for p in arg.split(",") if p.strip()]
-  known = DATASETS + tuple(methods.REGISTRY) + ("smoke", "offsubspace_aug")
+  known = DATASETS + tuple(methods.REGISTRY) + MODIFIERS
   unknown = [p for p in parts if p not in known]
   if unknown:
     raise ValueError(f"unknown variant(s) {unknown} of configs/adv_train.py; "
                      f"data sets {DATASETS}, methods "
-                     f"{tuple(methods.REGISTRY)}, 'smoke' and "
-                     f"'offsubspace_aug'")
+                     f"{tuple(methods.REGISTRY)}, modifiers {MODIFIERS}")
   named = [p for p in parts if p in methods.REGISTRY]
   if len(set(named)) > 1:
     raise ValueError(f"configs/adv_train.py variant names several methods "
@@ -354,12 +415,16 @@ def parse_variant(arg: str, default_method: str = "pgd_at"):
                      f"another method: 'offsubspace_aug')")
   dataset = next((p for p in parts if p in DATASETS), "fashion_mnist")
   method = named[0] if named else default_method
-  return dataset, method, "smoke" in parts, "offsubspace_aug" in parts
+  if "adaad" in parts and method != "advfunmatch":
+    raise ValueError(f"variant 'adaad' sets AdaAD's choices for "
+                     f"'advfunmatch', not for {method!r}")
+  return dataset, method, "smoke" in parts, "offsubspace_aug" in parts, \
+      "adaad" in parts
 
 
 def get_config(arg: str = "fashion_mnist,pgd_at",
                default_method: str = "pgd_at") -> ml_collections.ConfigDict:
-  dataset, method, smoke, offsub = parse_variant(arg, default_method)
+  dataset, method, smoke, offsub, adaad = parse_variant(arg, default_method)
   c = _base(dataset, method)
   if dataset in PAPER_DATASETS:
     _paper_base(c, dataset)
@@ -368,6 +433,8 @@ def get_config(arg: str = "fashion_mnist,pgd_at",
     c.model.kwargs = ml_collections.ConfigDict(STUDENT_KWARGS)
   if method in RECIPES:
     RECIPES[method](c, dataset)
+  if adaad:
+    _adaad(c, dataset)
   if offsub:
     if method == "offsubspace":
       raise ValueError("'offsubspace_aug' adds off-subspace augmentation to "

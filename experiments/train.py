@@ -23,6 +23,7 @@ SWA and the results are the student's); a teacher is never checkpointed.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, NamedTuple
@@ -48,7 +49,7 @@ from tsjax.train.teachers import load_teacher
 
 SELECT_METRICS = ("pgd/acc", "clean/acc")
 SELECT_ON = ("val", "test")
-CANDIDATES = ("last", "best", "ema", "swa")
+CANDIDATES = ("last", "best", "ema", "swa", "swa_best")
 
 
 # ----------------------------------------------------------------- checking
@@ -123,6 +124,7 @@ def _validate_train(t) -> None:
                          f"weight decay (its rate follows schedule / lr)")
   cc.check_number(t, "grad_clip", low=0)
   cc.check_choice(t, "schedule", clf.SCHEDULES)
+  cc.check_choice(t, "lr_at", clf.LR_AT)
   cc.check_number(t, "lr_factor", low=0)
   cc.check_number(t, "ema_decay", low=0, high=1)
   if t.swa_start_epoch is not None:
@@ -135,10 +137,12 @@ def _validate_eval(config) -> None:
   cc.check_number(config, "eval.batch_size", low=1, integer=True)
   cc.check_number(config, "eval.eps", low=0)
   cc.check_number(config, "eval.pgd_steps", low=1, integer=True)
-  if ev.pgd_step_size is not None:
-    cc.check_number(config, "eval.pgd_step_size", low=0)
+  for field in ("pgd_step_size", "val_pgd_step_size"):
+    if ev.get(field) is not None:
+      cc.check_number(config, f"eval.{field}", low=0)
   cc.check_number(config, "eval.val_pgd_steps", low=1, integer=True)
-  cc.check_number(config, "eval.val_subset", low=0, integer=True)
+  if ev.val_subset is not None:
+    cc.check_number(config, "eval.val_subset", low=0, integer=True)
   cc.check_choice(config, "eval.select_on", SELECT_ON)
   cc.check_choice(config, "eval.select_metric", SELECT_METRICS)
   cc.check_number(config, "eval.autoattack_subset", low=0, integer=True)
@@ -155,14 +159,26 @@ def attack_spec(config) -> AttackSpec:
   return cc.build(AttackSpec, config.method.attack, "method.attack")
 
 
-def eval_attack(config, steps: int) -> AttackSpec:
-  """The evaluation PGD: L-inf ``eval.eps``, ``steps`` steps of
+def _linf_pgd(eps: float, steps: int, step_size) -> AttackSpec:
+  return AttackSpec(norm="linf", eps=eps, steps=int(steps),
+                    step_size=(2.5 * eps / steps if step_size is None
+                               else step_size))
+
+
+def eval_attack(config) -> AttackSpec:
+  """The test-set PGD: L-inf ``eval.eps``, ``eval.pgd_steps`` steps of
   ``eval.pgd_step_size`` (default ``2.5 eps / steps``), uniform start, the
   last iterate, the network in eval mode."""
-  eps = float(config.eval.eps)
-  step = config.eval.pgd_step_size
-  return AttackSpec(norm="linf", eps=eps, steps=int(steps),
-                    step_size=2.5 * eps / steps if step is None else step)
+  ev = config.eval
+  return _linf_pgd(float(ev.eps), int(ev.pgd_steps), ev.pgd_step_size)
+
+
+def select_attack(config) -> AttackSpec:
+  """The model-selection PGD: as ``eval_attack`` with ``eval.val_pgd_steps``
+  steps of ``eval.val_pgd_step_size`` (its own field: changing the test
+  attack leaves the selection as it was)."""
+  ev = config.eval
+  return _linf_pgd(float(ev.eps), int(ev.val_pgd_steps), ev.val_pgd_step_size)
 
 
 # ----------------------------------------------------------------- building
@@ -235,7 +251,7 @@ def with_augmentation(loss_fn, config, num_classes: int):
   with a per-step key (the same view is used by everything inside the loss)."""
   spec = augment.parse_augment_spec(config.augment, "augment")
   aug = augment.make_augment(spec)
-  mixing = any(name in ("mixup", "cutmix") for name, _ in spec)
+  mixing = any(name in augment.MIXING for name, _ in spec)
 
   def wrapped(params, model_state, batch, key, ctx):
     x, y = batch["image"], batch["label"]
@@ -249,6 +265,29 @@ def with_augmentation(loss_fn, config, num_classes: int):
     return loss_fn(params, model_state, {**batch, "image": x, "label": y},
                    k_loss, ctx)
   return wrapped
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_augment(spec):
+  return jax.jit(augment.make_augment(spec))
+
+
+def swa_bn_batches(config, train, epoch: int):
+  """The images over which SWA re-estimates batch-norm statistics after
+  ``epoch``: one pass over the training split (its own fixed order),
+  augmented as in training with a per-epoch key, label-mixing ops left out
+  (PeerAiD main.py:432, ``bn_update(train_loader, student_swa_net)``,
+  iterates the augmenting training loader)."""
+  spec = tuple(op for op in augment.parse_augment_spec(config.augment,
+                                                       "augment")
+               if op[0] not in augment.MIXING)
+  seed, bs = int(config.seed), int(config.train.batch_size)
+  key = jax.random.fold_in(jax.random.key(seed + 1), epoch)
+  batches = images.train_batches(train.images, train.labels, bs,
+                                 seed=seed + 1, num_epochs=1)
+  for i, b in enumerate(batches):
+    x = b["image"].astype(jnp.float32) / 255.0
+    yield _jitted_augment(spec)(jax.random.fold_in(key, i), x) if spec else x
 
 
 def load_data(config):
@@ -308,7 +347,20 @@ def candidates(out, view) -> dict:
     res["ema"] = (out["ema"], last[1])
   if out["swa"] is not None and int(out["swa"]["count"]) > 0:
     res["swa"] = (out["swa"]["params"], out["swa"]["model_state"])
+  if out.get("swa_best") is not None:
+    res["swa_best"] = (out["swa_best"]["params"],
+                       out["swa_best"]["model_state"])
   return res
+
+
+def method_test_eval(config, model, method, options):
+  """The method's own test attacks (``Method.test_attacks``): ``(jitted eval
+  step, number of leading test examples)``, or ``(None, 0)``."""
+  if not method.test_attacks:
+    return None, 0
+  attacks, n = method.test_attacks(eval_attack(config), attack_spec(config),
+                                   options)
+  return clf.make_eval_step(model, attacks), n
 
 
 def test_rows(config, model, test, cands, key, progress) -> dict:
@@ -316,22 +368,27 @@ def test_rows(config, model, test, cands, key, progress) -> dict:
   method = methods.get(config.method.name)
   options = method.build_options(config.method.options)
   ev, steps = config.eval, int(config.eval.pgd_steps)
-  attacks = {"pgd": ("ce", eval_attack(config, steps))}
-  if method.test_attacks:
-    attacks.update(method.test_attacks(eval_attack(config, steps),
-                                       attack_spec(config), options))
-  test_eval = clf.make_eval_step(model, attacks)
+  test_eval = clf.make_eval_step(
+      model, {"pgd": ("ce", eval_attack(config))})
+  extra_eval, n_extra = method_test_eval(config, model, method, options)
+  batches = lambda n=None: images.eval_batches(
+      test.images[:n], test.labels[:n], int(ev.batch_size))
   results = {}
   for name, (p, ms) in cands.items():
-    r = clf.evaluate(test_eval, p, ms, images.eval_batches(
-        test.images, test.labels, int(ev.batch_size)), jax.random.fold_in(key, 1))
+    r = clf.evaluate(test_eval, p, ms, batches(), jax.random.fold_in(key, 1))
     row = {"clean_acc": r["clean/acc"], "pgd_acc": r["pgd/acc"],
            "pgd_steps": steps, "num_test": r["num_examples"]}
     if ev.autoattack_subset and name in tuple(ev.autoattack_params):
       row.update(autoattack_row(model, p, ms, test, ev, float(ev.eps),
                                 jax.random.fold_in(key, 2), progress))
     if method.report:
-      row.update(method.report(r["per_example"], options))
+      per_example = dict(r["per_example"])
+      if extra_eval is not None:
+        extra = clf.evaluate(extra_eval, p, ms, batches(n_extra),
+                             jax.random.fold_in(key, 3))
+        per_example.update({k: v for k, v in extra["per_example"].items()
+                            if not k.startswith("clean/")})
+      row.update(method.report(per_example, options))
     results[name] = row
   return results
 
@@ -344,8 +401,9 @@ def results_markdown(config, summary: dict) -> str:
            f"| params | clean acc | PGD-{steps} acc | test examples | "
            f"AutoAttack acc |", "|---|---|---|---|---|"]
   for name, row in results.items():
-    extra = (f" (epoch {summary['best_epoch']}, selected on "
-             f"{ev.select_on})" if name == "best" else "")
+    epoch = summary.get(f"{name}_epoch")
+    extra = (f" (epoch {epoch}, selected on {ev.select_on})"
+             if epoch is not None else "")
     aa = (f"{row['aa_acc']:.4f} (first {row['aa_num']})" if "aa_acc" in row
           else "–")
     lines.append(f"| {name}{extra} | {row['clean_acc']:.4f} | "
@@ -389,7 +447,7 @@ def run(config, workdir: str, *, progress: bool = True,
 
   ev = config.eval
   val_eval = clf.make_eval_step(
-      model, {"pgd": ("ce", eval_attack(config, int(ev.val_pgd_steps)))})
+      model, {"pgd": ("ce", select_attack(config))})
   val_x, val_y = val.images[:ev.val_subset or None], val.labels[:ev.val_subset or None]
 
   def evaluate_val(params, model_state):
@@ -410,9 +468,7 @@ def run(config, workdir: str, *, progress: bool = True,
       select_metric=ev.select_metric if len(val_x) else None,
       ema_decay=float(config.train.ema_decay) or None,
       swa_start_epoch=config.train.swa_start_epoch,
-      bn_batches=lambda: (b["image"].astype(jnp.float32) / 255.0 for b in
-                          images.train_batches(train.images, train.labels, bs,
-                                               seed=seed + 1, num_epochs=1)),
+      bn_batches=lambda epoch: swa_bn_batches(config, train, epoch),
       model=model, log_every=int(config.train.log_every), progress=progress,
       stop_after_epochs=stop_after_epochs, state_sharding=replicated)
   if out["stopped"]:
@@ -425,6 +481,8 @@ def run(config, workdir: str, *, progress: bool = True,
              "reference": config.get("reference", ""),
              "select_on": ev.select_on,
              "best_epoch": out["best"]["epoch"] if out["best"] else None,
+             "swa_best_epoch": (out["swa_best"]["epoch"] if out["swa_best"]
+                                else None),
              "results": results, "history": out["history"],
              "config": common.config_dict(config)}
   text = results_markdown(config, summary)

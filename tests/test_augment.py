@@ -22,6 +22,8 @@ def images(seed=0, shape=(B, H, W, C)):
 
 IMAGE_OPS = {
     "crop_flip": A.random_crop_flip,
+    "crop_flip_reflect": A.crop_flip_reflect,
+    "ccat": A.ccat_augment,
     "flip": A.random_flip,
     "cutout": A.cutout,
     "randaugment": A.randaugment,
@@ -60,11 +62,16 @@ def test_grayscale_images(jitted):
   assert 0 <= float(y.min()) and float(y.max()) <= 1
 
 
-def test_crop_flip_is_an_exact_shift_of_the_padded_image(jitted):
+@pytest.mark.parametrize("name,mode", [("crop_flip", "constant"),
+                                       ("crop_flip_reflect", "reflect")])
+def test_crop_flip_is_an_exact_shift_of_the_padded_image(jitted, name, mode):
+  """Each output is a crop (maybe mirrored) of the image padded as NumPy
+  pads it (Rice et al.: utils.py:26-27, np.pad(..., mode='reflect'))."""
   x = images(3)
   pad = 4
-  y = np.asarray(jitted["crop_flip"](jax.random.key(7), x))
-  padded = np.pad(np.asarray(x), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  y = np.asarray(jitted[name](jax.random.key(7), x))
+  padded = np.pad(np.asarray(x), ((0, 0), (pad, pad), (pad, pad), (0, 0)),
+                  mode=mode)
   found = []
   for i in range(B):
     matches = [(oy, ox, fl) for oy, ox, fl in itertools.product(
@@ -74,6 +81,67 @@ def test_crop_flip_is_an_exact_shift_of_the_padded_image(jitted):
     assert matches, f"example {i} is not a crop of its padded image"
     found.append(matches[0])
   assert len(set(found)) > 1 and any(m[2] for m in found) and not all(m[2] for m in found)
+
+
+def _crop_resize_reference(img, top, right, bottom, left):
+  """Bilinear resize of img[top:H-bottom, left:W-right] back to H x W with
+  aligned pixel centres, written out per pixel (independent of
+  tsjax.data.augment._sample)."""
+  h, w, _ = img.shape
+  ch, cw = h - top - bottom, w - left - right
+  out = np.zeros_like(img)
+  for i in range(h):
+    for j in range(w):
+      sy = top + (i + 0.5) * ch / h - 0.5
+      sx = left + (j + 0.5) * cw / w - 0.5
+      y0, x0 = int(np.floor(sy)), int(np.floor(sx))
+      acc = 0.0
+      for yy, wy in ((y0, 1 - (sy - y0)), (y0 + 1, sy - y0)):
+        for xx, wx in ((x0, 1 - (sx - x0)), (x0 + 1, sx - x0)):
+          if 0 <= yy < h and 0 <= xx < w and wy * wx > 0:
+            acc = acc + wy * wx * img[yy, xx]
+      out[i, j] = acc
+  return out
+
+
+def test_crop_and_resize_against_a_per_pixel_reference():
+  img = np.asarray(images(9, (1, 12, 10, 3)))[0]
+  for fr in [(0.0, 0.0, 0.0, 0.0), (0.2, 0.1, 0.0, 0.15), (0.1, 0.2, 0.2, 0.0)]:
+    got = np.asarray(A.crop_and_resize(jnp.asarray(img), jnp.asarray(fr)))
+    px = [int(round(fr[0] * 12)), int(round(fr[1] * 10)),
+          int(round(fr[2] * 12)), int(round(fr[3] * 10))]
+    np.testing.assert_allclose(got, _crop_resize_reference(img, *px),
+                               atol=1e-6)
+
+
+def test_ccat_augment_applies_exactly_one_of_crop_flip_contrast(jitted):
+  """config/common.py:22-80: SomeOf(1, [crop, flip, contrast]) per image:
+  each output is the flipped image, a contrast change 0.5 + a (x - 0.5)
+  with a in [0.7, 1.3], or a crop of 0..6 pixels (20% of 32) per side
+  resized back; the three come out about equally often."""
+  x = np.asarray(images(5, (48, H, W, C)))
+  y = np.asarray(jitted["ccat"](jax.random.key(3), jnp.asarray(x)))
+  side = np.arange(7) / 32
+  fracs = jnp.asarray(np.stack(np.meshgrid(side, side, side, side,
+                                           indexing="ij"), -1).reshape(-1, 4))
+  crops = jax.jit(jax.vmap(A.crop_and_resize, in_axes=(None, 0)))
+  kinds = []
+  for xi, yi in zip(x, y):
+    dx, dy = xi - 0.5, yi - 0.5
+    inside = (yi > 1e-6) & (yi < 1 - 1e-6)       # not clipped
+    a = float((dx * dy)[inside].sum() / (dx * dx)[inside].sum())
+    if np.array_equal(yi, xi[:, ::-1]):
+      kinds.append("flip")
+    elif 0.7 <= a <= 1.3 and np.allclose(np.clip(0.5 + a * dx, 0, 1), yi,
+                                         atol=1e-5):
+      kinds.append("contrast")
+    else:
+      err = np.abs(np.asarray(crops(jnp.asarray(xi), fracs)) - yi).max(
+          axis=(1, 2, 3))
+      assert err.min() < 1e-5, "neither flip, contrast nor crop"
+      kinds.append("crop")
+  counts = {k: kinds.count(k) for k in ("crop", "flip", "contrast")}
+  assert all(6 <= v <= 28 for v in counts.values()), counts
 
 
 def test_crop_flip_pad_zero_and_flip_only(jitted):

@@ -966,12 +966,13 @@ def test_fit_checkpoints_hold_no_teacher(tiny, tmp_path):
   out = fit(workdir=str(tmp_path), state=state, step_fn=jitted_step("kd", t),
             train_batches=lambda e: [batch], epochs=2, steps_per_epoch=1,
             evaluate_fn=lambda p, m: {"acc": 0.5}, select_metric="acc",
-            ctx=ctx, ema_decay=0.5, swa_start_epoch=0, bn_batches=lambda: [],
+            ctx=ctx, ema_decay=0.5, swa_start_epoch=0, bn_batches=lambda epoch: [],
             model=t["student"], progress=False)
   assert out["best"]["epoch"] == 1 and int(out["swa"]["count"]) == 2
   ckpt = CheckpointStore(str(tmp_path / "checkpoints")).restore_raw()
   best = CheckpointStore(str(tmp_path / "best"), max_to_keep=1).restore_raw()
-  assert set(ckpt) == {"state", "ema", "swa", "best_metric", "best_epoch"}
+  assert set(ckpt) == {"state", "ema", "swa", "best_metric", "best_epoch",
+                       "swa_best_metric", "swa_best_epoch"}
   assert set(ckpt["state"]) == {"params", "model_state", "opt_state", "step",
                                 "key"}
   assert set(best) == {"params"} | ({"model_state"} if "model_state" in best

@@ -153,14 +153,23 @@ def test_ccat_threshold_selection():
   tau = ccat.confidence_threshold(conf, correct, 0.99)
   kept = np.mean(conf[correct] >= tau)
   assert 0.99 <= kept <= 0.99 + 1.0 / correct.sum() + 1e-12
-  adv_conf = np.array([0.9, 0.1, 0.95, 0.2])
-  adv_correct = np.array([False, False, True, True])
-  clean_correct = np.array([True, True, True, False])
-  r = ccat.thresholded_errors(0.5, clean_correct, adv_conf, adv_correct)
-  # errors: ex0 (confident wrong adv), ex3 (clean error); ex1 rejected.
-  assert r["robust_error"] == 0.5
-  assert r["robust_error_unthresholded"] == 0.75
-  assert r["adv_rejected"] == 0.5
+  # The reference's rule, sorted[floor(n * round(1 - tpr, 2))]: 200
+  # correct confidences 0.005..1.0 -> index 2.
+  conf = np.arange(1, 201) / 200.0
+  assert ccat.confidence_threshold(conf, np.ones(200, bool), 0.99) == 0.015
+  clean_correct = np.array([True, True, True, False, True])
+  clean_conf = np.array([0.9, 0.8, 0.3, 0.7, 0.2])
+  adv_conf = np.array([0.9, 0.1, 0.2, 0.2, 0.6])
+  adv_correct = np.array([False, False, True, True, True])
+  r = ccat.thresholded_errors(0.5, clean_correct, clean_conf, adv_conf,
+                              adv_correct)
+  # adversarial_evaluation.py:428-443: errors among the accepted examples
+  # (clean or adversarial confidence >= tau: ex0, ex1, ex3, ex4): ex0
+  # (confident wrong adversarial) and ex3 (confident clean error); ex1's
+  # wrong adversarial example is rejected; ex2 is accepted nowhere.
+  assert r["robust_error"] == pytest.approx(2 / 4)
+  assert r["robust_error_unthresholded"] == pytest.approx(3 / 5)
+  assert r["adv_rejected"] == pytest.approx(3 / 5)
 
 
 def test_attack_bn_mode_train_uses_batch_statistics():

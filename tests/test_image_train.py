@@ -145,10 +145,14 @@ def test_ccat_reports_thresholded_error(tmp_path):
   c = _smoke("ccat")
   c.train.epochs = 1
   c.train.boundaries = ()
+  c.method.options.eval_subset = 30
+  c.method.options.threshold_split = 0.5     # tau from test images 25..49
   out = exp.run(c, str(tmp_path), progress=False)
   row = out["summary"]["results"]["last"]
-  assert 0 <= row["ccat_robust_error"] <= row["ccat_robust_error_unthresholded"]
+  assert 0 <= row["ccat_robust_error"] <= 1
+  assert 0 <= row["ccat_robust_error_unthresholded"] <= 1
   assert 0 < row["ccat_tau"] <= 1
+  assert (row["ccat_num_attacked"], row["ccat_num_threshold"]) == (30, 25)
 
 
 @needs_fmnist

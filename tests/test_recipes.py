@@ -151,6 +151,7 @@ def _zero_grad_update(config, step=0):
 
 
 @pytest.mark.parametrize("variant,wd", [("cifar10,ard", 2e-4),
+                                        ("cifar10,pgd_at", 5e-4),  # Rice :230
                                         ("cifar10,trades", 2e-4),
                                         ("cifar10,peeraid", 2e-4),
                                         ("cifar10,pgd_at", 5e-4)])
@@ -206,17 +207,28 @@ def _calls(model_state):
 # ARD main.py:68-79, 121-123: 10 attack steps on net.train(), S(x'), S(x).
 # IAD IAD-I.py:95-106, 164-178: 10 attack steps, S(x'), basicop = S(x'),
 #   then S(x) once (epoch < begin: the CE term) or twice (KL target + CE).
-# TRADES trades.py: model.eval() to attack, model(x), model(x_adv).
+# TRADES trades.py:79-82: model.eval() to attack, then model(x),
+#   model(x_adv) and model(x) again inside the KL.
 # RSLAD: student.eval() to attack, student(x_adv), student(x).
-# PGD-AT, CCAT (one concatenated pass), KD, FunMatch, AdvFunMatch: 1.
+# PGD-AT, Rice et al. train_cifar.py:294, 316, 324, 339: 10 attack steps on
+#   model.train(), model(x_adv), then model(x) after the step.
+# AdvFunMatch as AdaAD main.py:333-334 (the adaad variant): net(x), net(x*).
+# CCAT (one concatenated pass), KD, FunMatch, AdvFunMatch (default): 1.
 EXPECTED_CALLS = {("ard", 0): 12, ("iad", 0): 13, ("iad", 99): 14,
-                  ("trades", 0): 2, ("rslad", 0): 2, ("pgd_at", 0): 1,
+                  ("trades", 0): 3, ("rslad", 0): 2, ("pgd_at", 0): 12,
                   ("ccat", 0): 1, ("kd", 0): 1, ("funmatch", 0): 1,
-                  ("advfunmatch", 0): 1}
+                  ("advfunmatch", 0): 1, ("advfunmatch,adaad", 0): 2}
 
 
-def _one_loss_call(name, epoch, dataset="cifar10"):
+def _one_loss_call(name, epoch, dataset="cifar10", overrides=None):
   c = adv_train.get_config(f"{dataset},{name}")
+  for path, value in (overrides or {}).items():
+    *parents, field = path.split(".")
+    node = c
+    for part in parents:
+      node = node[part]
+    node[field] = value
+  name = name.split(",")[0]
   m = methods.get(name)
   model = Counting()
   x = jax.random.uniform(jax.random.key(0), (6, 8, 8, 1))
@@ -235,14 +247,14 @@ def _one_loss_call(name, epoch, dataset="cifar10"):
   if m.init:
     params, variables = m.init(lambda k: (params, dict(variables)),
                                jax.random.key(3))
-  _, (_, new_state) = jax.jit(loss_fn)(params, dict(variables), batch,
-                                       jax.random.key(4), ctx)
-  return c, new_state
+  loss, (_, new_state) = jax.jit(loss_fn)(params, dict(variables), batch,
+                                          jax.random.key(4), ctx)
+  return c, new_state, loss
 
 
 @pytest.mark.parametrize("name,epoch", sorted(EXPECTED_CALLS))
 def test_batch_norm_updates_per_step(name, epoch):
-  c, st = _one_loss_call(name, epoch)
+  c, st, _ = _one_loss_call(name, epoch)
   if name == "iad":
     assert c.method.options.begin_epoch == 60
   assert _calls(st) == EXPECTED_CALLS[(name, epoch)]
@@ -251,8 +263,61 @@ def test_batch_norm_updates_per_step(name, epoch):
 def test_peeraid_batch_norm_updates_per_step():
   """PeerAiD main.py:359-383: P(x*) once (reused detached), S(x*) twice,
   S(x) once; the attack runs the student in eval mode."""
-  _, st = _one_loss_call("peeraid", 0)
+  _, st, _ = _one_loss_call("peeraid", 0)
   assert _calls(st["peer"]) == 1 and _calls(st["student"]) == 3
+
+
+def test_trades_reusing_the_clean_pass_is_the_same_loss_one_pass_less():
+  """recompute_clean=False: the KL target from the first pass (same value,
+  a train-mode pass is deterministic), batch statistics updated twice."""
+  _, st3, loss3 = _one_loss_call("trades", 0)
+  _, st2, loss2 = _one_loss_call(
+      "trades", 0, overrides={"method.options.recompute_clean": False})
+  assert (_calls(st3), _calls(st2)) == (3, 2)
+  np.testing.assert_allclose(loss2, loss3, rtol=1e-6)
+
+
+def rice_executed(epochs=200, batches=STEPS_PER_EPOCH, lr_max=0.1):
+  """locuslab/robust_overfitting train_cifar.py:248-255, 306: the rate of
+  batch i of epoch e is lr_schedule(e + (i + 1) / len(train_batches))."""
+  def lr_schedule(t):
+    if t / epochs < 0.5:
+      return lr_max
+    if t / epochs < 0.75:
+      return lr_max / 10.
+    return lr_max / 100.
+  return np.array([lr_schedule(e + (i + 1) / batches)
+                   for e in range(epochs) for i in range(batches)])
+
+
+@pytest.mark.parametrize("dataset", PAPER)
+def test_pgd_at_is_rice_et_al_as_executed(dataset):
+  c = adv_train.get_config(f"{dataset},pgd_at")
+  sched = clf.make_schedule(c.train, STEPS_PER_EPOCH)
+  got = np.array([float(sched(s))
+                  for s in range(c.train.epochs * STEPS_PER_EPOCH)])
+  np.testing.assert_allclose(got, rice_executed(), rtol=1e-6)
+  assert got[100 * STEPS_PER_EPOCH - 1] == pytest.approx(0.01)  # a step early
+  a = exp.attack_spec(c)
+  # train_cifar.py:139-142, 316: PGD-10, 8/255, 2/255, uniform start, the
+  # model in train mode (:294), the last iterate.
+  assert (a.steps, a.start, a.bn_mode, a.keep_best, a.restarts) == (
+      10, "uniform", "train", False, 1)
+  assert a.eps == pytest.approx(8 / 255) and a.step_size == pytest.approx(2 / 255)
+  assert c.model.name == "preact_resnet18"                       # :128
+
+
+def test_autoattack_plus_runs_fab_t_with_one_restart(monkeypatch):
+  """fra31/auto-attack autoattack.py:211-216: self.fab.n_restarts = 1 before
+  FAB-T; the untargeted FAB of "plus" keeps 5."""
+  from tsjax.attacks import autoattack as aa
+  seen = {}
+  monkeypatch.setattr(aa, "fab", lambda *a, **kw: seen.setdefault(
+      kw["targeted"], kw["restarts"]))
+  for name in ("fab", "fab-t"):
+    aa._attack_fn(name, "linf", 0.1, aa._settings("plus", 10), 10)(
+        None, None, None, None)
+  assert seen == {False: 5, True: 1}
 
 
 # ------------------------------------------------ evaluation attacks
@@ -261,13 +326,167 @@ def test_peeraid_batch_norm_updates_per_step():
     ("cifar100,peeraid", 20, 2 / 255, 8 / 255),
     ("cifar10,trades", 20, 0.003, 0.031),           # pgd_attack_cifar10.py
     ("cifar10,rslad", 20, 0.003, 8 / 255),          # resnet18_rslad_cifar10.py:72
+    ("cifar10,iad", 20, 2 / 255, 8 / 255),          # IAD basic_eval.py:51
+    ("cifar100,iad", 20, 2 / 255, 8 / 255),
+    ("cifar10,pgd_at", 10, 2 / 255, 8 / 255),       # Rice train_cifar.py:366
     ("fashion_mnist,pgd_at", 20, 2.5 * 0.1 / 20, 0.1)])
 def test_evaluation_attack(variant, steps, step_size, eps):
   c = adv_train.get_config(variant)
-  a = exp.eval_attack(c, c.eval.pgd_steps)
+  a = exp.eval_attack(c)
   assert (a.steps, a.start, a.bn_mode) == (steps, "uniform", "eval")
   assert a.step_size == pytest.approx(step_size)
   assert a.eps == pytest.approx(eps)
+
+
+@pytest.mark.parametrize("variant", ["cifar10,pgd_at", "cifar10,peeraid",
+                                     "cifar10,iad", "fashion_mnist,pgd_at"])
+def test_selection_attack_is_its_own(variant):
+  """Model selection: PGD-10 2/255 (PeerAiD main.py:183, 505; Rice
+  train_cifar.py:366, 441); changing the test attack leaves it as it is."""
+  c = adv_train.get_config(variant)
+  before = exp.select_attack(c)
+  c.eval.pgd_step_size, c.eval.pgd_steps = 0.5, 3
+  assert exp.select_attack(c) == before
+  assert before.steps == 10
+  assert before.step_size == pytest.approx(2.5 * c.eval.eps / 10)
+
+
+@pytest.mark.parametrize("dataset", PAPER)
+def test_test_set_selection_uses_every_test_image(dataset):
+  """PeerAiD, IAD and AdaAD select on all 10k test images: with
+  select_on="test" nothing is cut."""
+  c = adv_train.get_config(f"{dataset},peeraid")
+  assert c.eval.val_subset is None
+  c = adv_train.get_config("fashion_mnist,pgd_at")
+  assert c.eval.val_subset == 1000
+
+
+def test_ccat_evaluation_as_the_reference():
+  """experiments/eval/main.ipynb (linf_ours, linf_pgd): PGD-Conf 1000 iter
+  from zero and with 10 attempts, PGD-CE 200 iter with 50 attempts, lr
+  0.001 / 0.005, lr factors paired as config/common.py:1399-1425; first
+  1000 test images (config/cifar10.py:35); tau on the last 10%
+  (adversarial_evaluation.py:144)."""
+  c = adv_train.get_config("cifar10,ccat")
+  m = methods.get("ccat")
+  opts = m.build_options(c.method.options)
+  attacks, n = m.test_attacks(exp.eval_attack(c), exp.attack_spec(c), opts)
+  got = sorted((obj, a.start, a.steps, a.step_size, a.lr_factor, a.restarts,
+                a.optimizer, a.momentum, a.keep_best, a.eps)
+               for obj, a in attacks.values())
+  want = sorted([("conf", "zero", 1000, 0.001, 1.1, 1),
+                 ("conf", "uniform", 1000, 0.001, 1.1, 10),
+                 ("ce", "uniform", 200, 0.005, 1.25, 50)])
+  assert [g[:6] for g in got] == want
+  assert all(g[6:9] == ("backtrack", 0.9, True) for g in got)
+  assert all(g[9] == pytest.approx(0.03) for g in got)
+  assert (n, opts.threshold_split, opts.tpr) == (1000, 0.1, 0.99)
+  pairs = dict(zip((20, 100, 200, 1000, 2000, 4000),
+                   (1.5, 1.3, 1.25, 1.1, 1.05, 1.025)))
+  assert all(pairs[g[2]] == g[4] for g in got)
+
+
+def test_ccat_report_thresholds_on_the_held_out_tail():
+  """tau from the last 10% of the clean test set only, errors over the
+  attacked first examples, the worst attack per example by its largest
+  wrong-class probability (misc.py:321-333), counted as the reference does
+  (adversarial_evaluation.py:428-443), here written out per example."""
+  rng = np.random.default_rng(0)
+  n_test, n_att = 500, 100
+  pe = {"clean/conf": rng.uniform(0.3, 1, n_test),
+        "clean/correct": rng.uniform(size=n_test) < 0.8}
+  pe["clean/conf"][-50:] = np.linspace(0.6, 0.99, 50)   # the split: tau 0.6
+  pe["clean/correct"][-50:] = True
+  for name in ("ccat0", "ccat1"):
+    pe[f"{name}/conf"] = rng.uniform(0.2, 1, n_att)
+    pe[f"{name}/correct"] = rng.uniform(size=n_att) < 0.5
+    pe[f"{name}/other"] = rng.uniform(0, 0.8, n_att)
+  row = methods.ccat.report(pe, methods.ccat.Options())
+  assert row["ccat_tau"] == pytest.approx(0.6)
+  num = den = 0
+  for i in range(n_att):
+    j = 0 if pe["ccat0/other"][i] >= pe["ccat1/other"][i] else 1
+    adv_conf, adv_ok = pe[f"ccat{j}/conf"][i], pe[f"ccat{j}/correct"][i]
+    clean_in, adv_in = pe["clean/conf"][i] >= 0.6, adv_conf >= 0.6
+    num += (not pe["clean/correct"][i] and clean_in) or (not adv_ok and adv_in)
+    den += clean_in or adv_in
+  assert row["ccat_robust_error"] == pytest.approx(num / den)
+  assert (row["ccat_num_attacked"], row["ccat_num_threshold"]) == (100, 50)
+
+
+def test_ccat_inputs_raw_and_augmentation_one_of_three():
+  """models/classifier.py:43 (whiten=False), config/cifar10.py:24-26."""
+  c = adv_train.get_config("cifar10,ccat")
+  assert c.model.normalize is False and c.augment == "ccat"
+  c = adv_train.get_config("fashion_mnist,ccat")          # as config/mnist.py
+  assert c.model.normalize is False and c.augment == ""
+
+
+@pytest.mark.parametrize("variant,normalize,augment", [
+    # Rice utils.py:26-27 (reflect pad) + train_cifar.py:182; normalize :23.
+    ("cifar10,pgd_at", True, "crop_flip_reflect"),
+    # TRADES train_trades_cifar10.py: RandomCrop(32, 4) + flip, raw inputs.
+    ("cifar10,trades", False, "crop_flip"),
+    ("cifar10,ccat", False, "ccat"),
+    # The distillation codes (ARD main.py, IAD IAD-I.py:71-84, RSLAD,
+    # PeerAiD datasets.py): RandomCrop(32, 4) + flip on raw [0, 1] inputs.
+    ("cifar10,kd", False, "crop_flip"), ("cifar10,ard", False, "crop_flip"),
+    ("cifar10,iad", False, "crop_flip"), ("cifar10,rslad", False, "crop_flip"),
+    ("cifar10,peeraid", False, "crop_flip"),
+    ("cifar10,funmatch", False, "crop_flip"),
+    ("cifar10,advfunmatch", False, "crop_flip,autoaugment_cifar10")])
+def test_normalisation_and_augmentation_of_every_recipe(variant, normalize,
+                                                       augment):
+  c = adv_train.get_config(variant)
+  assert (c.model.normalize, c.augment) == (normalize, augment)
+
+
+def test_peeraid_reports_the_swa_student_selected_on_its_own(tmp_path):
+  """PeerAiD main.py:786-812: the SWA student of the epoch with its own best
+  PGD-10 accuracy is kept (not only the final average)."""
+  from tsjax.train import TrainState
+  from tsjax.train.fit import fit
+  import optax
+
+  def step(state, batch, ctx):          # every step adds 1 to w
+    del batch, ctx
+    new = state.replace(params={"w": state.params["w"] + 1.0},
+                        step=state.step + 1)
+    return new, {"loss": jnp.float32(0), "finite": jnp.bool_(True)}
+
+  state = TrainState.create({"w": jnp.zeros(())}, optax.sgd(0.1),
+                            jax.random.key(0), {})
+  # SWA after epochs 2..6 (w = 2..6): averages 2, 2.5, 3, 3.5, 4.
+  out = fit(workdir=str(tmp_path), state=state, step_fn=step,
+            train_batches=lambda e: [{"x": np.zeros(1)}], epochs=6,
+            steps_per_epoch=1, swa_start_epoch=1,
+            evaluate_fn=lambda p, m: {"acc": -abs(float(p["w"]) - 2.5)},
+            select_metric="acc", bn_batches=lambda epoch: [], model=None,
+            progress=False)
+  assert out["swa_best"]["epoch"] == 3
+  assert float(out["swa_best"]["params"]["w"]) == pytest.approx(2.5)
+  assert float(out["swa"]["params"]["w"]) == pytest.approx(4.0)   # 2..6
+  assert out["best"]["epoch"] == 2                       # w = 2 (or 3)
+
+
+@pytest.mark.parametrize("variant,wd", [
+    ("cifar10,kd", 2e-4), ("cifar10,iad", 2e-4), ("cifar10,rslad", 2e-4),
+    ("cifar10,advfunmatch", 2e-4),
+    ("cifar10,advfunmatch,adaad", 5e-4)])           # AdaAD main.py:64
+def test_weight_decay_of_the_other_recipes(variant, wd):
+  c = adv_train.get_config(variant)
+  assert c.train.weight_decay == wd and c.train.weight_decay_style == "l2"
+
+
+def test_adaad_variant_sets_every_adaad_choice():
+  """boyellow/AdaAD main.py:64, 333-334, 342-351; AT_helper.py:22-48."""
+  c10 = adv_train.get_config("cifar10,advfunmatch,adaad")
+  c100 = adv_train.get_config("cifar100,advfunmatch,adaad")
+  assert (c10.method.options.reduction, c100.method.options.reduction) == (
+      "mean", "batchmean")
+  assert c10.method.options.clean_pass and not c10.method.attack.keep_best
+  with pytest.raises(ValueError, match="adaad"):
+    adv_train.get_config("cifar10,kd,adaad")
 
 
 def test_advfunmatch_choices_are_fields():

@@ -98,6 +98,14 @@ def margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.max(other, axis=-1) - z_y
 
 
+def max_other_prob(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example ``max_{k != y} softmax_k`` (CCAT's F7P attack objective,
+  and its per-example worst-case criterion)."""
+  p = jax.nn.softmax(logits, axis=-1)
+  mask = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+  return jnp.max(jnp.where(mask, -1.0, p), axis=-1)
+
+
 def dlr(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-example Difference of Logits Ratio (Croce & Hein 2020), to maximise.
 

@@ -15,7 +15,9 @@ Versions, as the reference defines them:
   resc_schedule=False)``): its p schedule halves after iterations 10, 50,
   ..., 4000 as written, not stretched to the query budget.
 * ``"plus"``: APGD-CE (5 restarts) -> APGD-DLR (5) -> FAB (5) -> Square
-  (5000) -> APGD-T (9 targets) -> FAB-T (9 targets).
+  (5000) -> APGD-T (9 targets) -> FAB-T (9 targets, 1 restart: the
+  reference sets ``self.fab.n_restarts = 1`` before FAB-T in every version,
+  fra31/auto-attack autoattack/autoattack.py:211-216).
 * ``"rand"``: APGD-CE and APGD-DLR with expectation over transformation
   (20 draws) for randomised models: ``logits_fn(x, key)`` then (with
   ``params``: ``logits_fn(params, x, key)``; ``ModelLogits`` accepts and
@@ -75,9 +77,10 @@ class AutoAttackWarning(UserWarning):
 def _settings(version: str, n_classes: int) -> dict:
   """The reference's per-version settings (``AutoAttack.__init__`` and
   ``set_version``). Square: 5000 queries, p schedule not rescaled
-  (``resc_schedule=False``) in every version."""
+  (``resc_schedule=False``) in every version; FAB-T one restart in every
+  version (autoattack.py:211-216 forces ``fab.n_restarts = 1``)."""
   n_targets = min(9, n_classes - 1)
-  sq = dict(square_queries=5000, square_resc_schedule=False)
+  sq = dict(square_queries=5000, square_resc_schedule=False, fabt_restarts=1)
   if version == "plus":
     return dict(apgd_restarts=5, fab_restarts=5, apgdt_restarts=1,
                 n_targets=n_targets, eot_iter=1, **sq)
@@ -115,8 +118,9 @@ def _attack_fn(name: str, norm: str, eps: float, s: dict, steps: int):
         f, x, y, k, norm=norm, eps=eps, steps=steps,
         n_target_classes=s["n_targets"], restarts=s["apgdt_restarts"])
   if name in ("fab", "fab-t"):
+    restarts = s["fabt_restarts"] if name == "fab-t" else s["fab_restarts"]
     return lambda f, x, y, k: fab(f, x, y, k, norm=norm, eps=eps, steps=steps,
-                                  restarts=s["fab_restarts"],
+                                  restarts=restarts,
                                   targeted=name == "fab-t",
                                   n_target_classes=s["n_targets"])
   if name == "square":

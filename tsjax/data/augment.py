@@ -304,30 +304,92 @@ def _per_example(fn, key, x):
   return jax.vmap(fn)(jax.random.split(key, x.shape[0]), x)
 
 
+PAD_MODES = ("constant", "reflect")
+
+
 def random_crop_flip(key: Array, x: Array, pad: int = 4, *, flip: bool = True,
-                     fill: float = 0.0) -> Array:
+                     fill: float = 0.0, pad_mode: str = "constant") -> Array:
   """torchvision ``RandomCrop(size, padding=pad)`` + ``RandomHorizontalFlip()``.
 
-  Pads every image with ``pad`` pixels of ``fill`` (zero padding by default),
-  crops an ``H x W`` window at a uniform offset in ``[0, 2 pad]^2`` and mirrors
-  it left-right with probability 1/2. Outputs are exact pixel copies.
+  Pads every image with ``pad`` pixels of ``fill`` (``pad_mode="constant"``,
+  zero padding by default) or by mirroring without repeating the edge
+  (``"reflect"``, NumPy's ``mode='reflect'``: Rice et al.'s
+  locuslab/robust_overfitting utils.py:26-27), crops an ``H x W`` window at
+  a uniform offset in ``[0, 2 pad]^2`` and mirrors it left-right with
+  probability 1/2. Outputs are exact pixel copies.
   """
   _check_images(x)
   pad = int(pad)
   if pad < 0:
     raise ValueError(f"pad must be >= 0, got {pad}")
+  if pad_mode not in PAD_MODES:
+    raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
   _, h, w, c = x.shape
+  widths = ((pad, pad), (pad, pad), (0, 0))
 
   def one(k, img):
     ky, kx, kf = jax.random.split(k, 3)
-    padded = jnp.pad(img, ((pad, pad), (pad, pad), (0, 0)),
-                     constant_values=jnp.asarray(fill, img.dtype))
+    padded = (jnp.pad(img, widths, mode="reflect") if pad_mode == "reflect"
+              else jnp.pad(img, widths,
+                           constant_values=jnp.asarray(fill, img.dtype)))
     oy = jax.random.randint(ky, (), 0, 2 * pad + 1, dtype=jnp.int32)
     ox = jax.random.randint(kx, (), 0, 2 * pad + 1, dtype=jnp.int32)
     out = lax.dynamic_slice(padded, (oy, ox, jnp.int32(0)), (h, w, c))
     if flip:
       out = jnp.where(jax.random.bernoulli(kf), out[:, ::-1], out)
     return out
+
+  return _per_example(one, key, x)
+
+
+def crop_flip_reflect(key: Array, x: Array, pad: int = 4) -> Array:
+  """``random_crop_flip`` with reflect padding (Rice et al.'s PGD-AT data:
+  robust_overfitting utils.py:26-27 ``np.pad(..., mode='reflect')``, then
+  train_cifar.py:182 ``Crop(32, 32), FlipLR()``)."""
+  return random_crop_flip(key, x, pad, pad_mode="reflect")
+
+
+def crop_and_resize(img: Array, fractions: Array) -> Array:
+  """Crops ``fractions = (top, right, bottom, left)`` of the height / width
+  off one image ``[H, W, C]`` and resizes the rest back to ``H x W``
+  (bilinear, pixel centres aligned; imgaug's ``CropAndPad(keep_size=True)``
+  resizes with OpenCV's interpolation, so values differ slightly)."""
+  h, w, _ = img.shape
+  top = jnp.round(fractions[0] * h)
+  right = jnp.round(fractions[1] * w)
+  bottom = jnp.round(fractions[2] * h)
+  left = jnp.round(fractions[3] * w)
+  sy = (h - top - bottom) / h
+  sx = (w - left - right) / w
+  zero = jnp.zeros((), img.dtype)
+  inv = _mat(sx, zero, left + 0.5 * sx - 0.5, zero, sy, top + 0.5 * sy - 0.5)
+  return _sample(img, inv, 0.0, "bilinear")
+
+
+def ccat_augment(key: Array, x: Array, max_crop: float = 0.2,
+                 contrast_range: tuple = (0.7, 1.3)) -> Array:
+  """CCAT's CIFAR augmentation: per image *one* of {crop, flip, contrast},
+  uniformly chosen, then a clip to [0, 1] (davidstutz/confidence-calibrated-
+  adversarial-training experiments/config/common.py:22-80, 97-98 builds
+  ``iaa.SomeOf(max(1, len(augmenters) // 2), augmenters)``, one of three
+  with crop, flip and contrast on, experiments/config/cifar10.py:24-26):
+  crop = ``CropAndPad(percent=(0, 0.2))``, each side cropped by an
+  independent uniform fraction in ``[0, max_crop]`` and resized back
+  (:func:`crop_and_resize`); flip = left-right; contrast =
+  ``ContrastNormalization((0.7, 1.3))``, ``0.5 + a (x - 0.5)`` with ``a``
+  uniform in ``contrast_range``."""
+  _check_images(x)
+  lo, hi = (float(v) for v in contrast_range)
+
+  def one(k, img):
+    k_op, k_crop, k_a = jax.random.split(k, 3)
+    fr = jax.random.uniform(k_crop, (4,), img.dtype, 0.0, max_crop)
+    a = jax.random.uniform(k_a, (), img.dtype, lo, hi)
+    return lax.switch(jax.random.randint(k_op, (), 0, 3), [
+        lambda im: crop_and_resize(im, fr),
+        lambda im: im[:, ::-1],
+        lambda im: jnp.clip(0.5 + a * (im - 0.5), 0, 1).astype(im.dtype)],
+        img)
 
   return _per_example(one, key, x)
 
@@ -566,6 +628,8 @@ def cutmix(key: Array, x: Array, y_onehot: Array, alpha: float = 1.0, *,
 
 AUGMENTATIONS: dict[str, Callable] = {
     "crop_flip": random_crop_flip,
+    "crop_flip_reflect": crop_flip_reflect,
+    "ccat": ccat_augment,
     "flip": random_flip,
     "cutout": cutout,
     "randaugment": randaugment,
@@ -573,7 +637,7 @@ AUGMENTATIONS: dict[str, Callable] = {
     "mixup": mixup,
     "cutmix": cutmix,
 }
-_MIXING = ("mixup", "cutmix")
+MIXING = ("mixup", "cutmix")   # ops that also mix the labels
 
 Spec = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
 
@@ -629,7 +693,7 @@ def make_augment(spec: Any, field: str = "augment") -> Callable:
   def fn(key, x, labels=None):
     for i, (name, kwargs) in enumerate(parsed):
       k = jax.random.fold_in(key, i)
-      if name in _MIXING:
+      if name in MIXING:
         if labels is None:
           raise ValueError(f"augmentation {name!r} mixes labels: pass "
                            f"labels=one-hot [B, K]")

@@ -23,7 +23,21 @@ and averages over the batch, FunMatch's convention and the default;
 The paper's code is not public, so both choices are fields. The
 clean term is off by default (the paper's objective); ``clean_weight =
 (1 - a) / a`` with the whole loss scaled by ``a`` gives AdaAD's
-``a KL_adv + (1 - a) KL_clean``. Strong augmentation (e.g. AutoAugment) is
+``a KL_adv + (1 - a) KL_clean``. With a clean term, or with
+``clean_pass=True``, the student's train-mode pass on ``x`` runs *before* the
+one on ``x*`` (AdaAD boyellow/AdaAD main.py:333-334: ``net(inputs)`` then
+``net(adv_inputs)``, both in train mode, even at ``alpha = 1`` where the
+clean logits enter no loss but the batch-norm running statistics see the
+clean batch first).
+
+Where the defaults stand against AdaAD (the closest public code; the
+``adaad`` config variant sets all of AdaAD's values): weight decay 2e-4 (the
+distillation references' common setting) vs AdaAD's 5e-4 (main.py:64,
+``train.weight_decay``); one train-mode pass vs two (``clean_pass``);
+``reduction="batchmean"`` = AdaAD's CIFAR-100 branch (main.py:347-351,
+``(1/B) sum KLDivLoss(reduce=False)``) vs its CIFAR-10 branch
+``nn.KLDivLoss()`` = ``"mean"``, a division by B * C (main.py:342-345); the
+best iterate (``attack.keep_best=True``) vs AdaAD's last (AT_helper.py:22-48). Strong augmentation (e.g. AutoAugment) is
 the experiment's ``augment`` spec: the augmented view is the ``x`` that both
 networks see.
 """
@@ -47,6 +61,7 @@ class Options:
   temperature: float = 1.0
   clean_weight: float = 0.0
   reduction: str = "batchmean"
+  clean_pass: bool = False       # AdaAD main.py:333: net(inputs) at alpha=1
 
   def __post_init__(self):
     cc.require(self, "temperature",
@@ -54,6 +69,8 @@ class Options:
     cc.require(self, "clean_weight", cc.number_in(self.clean_weight, 0), ">= 0")
     cc.require(self, "reduction", self.reduction in losses.KL_REDUCTIONS[:3],
                f"one of {list(losses.KL_REDUCTIONS[:3])}")
+    cc.require(self, "clean_pass", isinstance(self.clean_pass, bool),
+               "True or False")
 
 
 def mismatch_kl(teacher, student, params, model_state, ctx, *,
@@ -79,6 +96,7 @@ def mismatched_examples(teacher, student, params, model_state, ctx, x, key,
 def make_loss(student, *, teacher, attack: AttackSpec,
               options: Options = Options()):
   temperature, clean_weight = options.temperature, options.clean_weight
+  clean_pass = options.clean_pass or bool(clean_weight)
   kl = lambda t, s: temperature ** 2 * losses.kl(
       t, s, temperature=temperature, reduction=options.reduction)
 
@@ -87,16 +105,18 @@ def make_loss(student, *, teacher, attack: AttackSpec,
     x_adv, inner = mismatched_examples(teacher, student, params, model_state,
                                        ctx, x, key, attack,
                                        temperature=temperature)
+    metrics = {}
+    if clean_pass:
+      s_nat, model_state = forward(student, params, model_state, x, True)
+      metrics["acc"] = accuracy(s_nat, y)
     t_adv = teacher_logits(teacher, ctx, x_adv)
     s_adv, model_state = forward(student, params, model_state, x_adv, True)
     adv = kl(t_adv, s_adv)
-    loss, metrics = adv, {}
+    loss = adv
     if clean_weight:
-      t_nat = teacher_logits(teacher, ctx, x)
-      s_nat, model_state = forward(student, params, model_state, x, True)
-      nat = kl(t_nat, s_nat)
+      nat = kl(teacher_logits(teacher, ctx, x), s_nat)
       loss = adv + clean_weight * nat
-      metrics = {"kl_clean": nat, "acc": accuracy(s_nat, y)}
+      metrics["kl_clean"] = nat
     return loss, ({"loss": loss, "kl_adv": adv, "inner_kl": jnp.mean(inner),
                    "adv_acc": accuracy(s_adv, y), **metrics}, model_state)
   return loss_fn

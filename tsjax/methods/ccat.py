@@ -16,13 +16,35 @@ Image classification (``make_loss``): half of each batch clean with one-hot
 targets, half attacked by maximising the largest non-true-class probability
 (CCAT's F7P objective; the recipes use the reference's optimiser, momentum
 0.9 with backtracking, ``AttackSpec(optimizer="backtrack", start="mixed")``)
-and trained towards ``(1 - lambda) onehot(y) + lambda / C``. Evaluation
-rejects low-confidence inputs: ``confidence_threshold`` picks tau so a
-fraction ``Options.tpr`` (99%) of correctly classified clean test examples is
-kept, and ``thresholded_errors`` counts an adversarial example as an error
-only if it is misclassified with confidence >= tau. The test-set confidence
-attack (``test_attacks``) is the training attack at the evaluation radius
-with ``Options.eval_restarts`` restarts, the best kept per example.
+and trained towards ``(1 - lambda) onehot(y) + lambda / C``.
+
+Evaluation, as davidstutz/confidence-calibrated-adversarial-training runs it:
+
+* the attacks (``Options.eval_attacks``, rows ``EvalAttack``) run on the
+  first ``Options.eval_subset`` test images (experiments/config/cifar10.py:35,
+  ``Cifar10TestSet(indices=range(1000))``); the default rows are the paper's
+  white-box L-inf evaluation of experiments/eval/main.ipynb (``linf_ours``
+  and the normalised PGD-CE of ``linf_pgd``): PGD-Conf 1000 iterations from
+  zero and with 10 uniform attempts, PGD-CE 200 iterations with 50 attempts,
+  all normalised (signed) gradients with momentum 0.9 and backtracking, the
+  iteration counts paired with their lr factors as
+  experiments/config/common.py:1399-1425 pairs them (20, 100, 200, 1000,
+  2000, 4000 iterations with 1.5, 1.3, 1.25, 1.1, 1.05, 1.025);
+* per example the worst case over every attempt of every attack is the
+  adversarial example with the largest wrong-class probability
+  (experiments/eval/misc.py:321-333, ``errors = -max_{k != y} p_k``);
+  within one attack the attempts are kept by the attack's own objective
+  (tsjax's ``keep_best``), so for the CE rows the kept attempt can differ;
+* the threshold ``tau`` is fixed on the *last* ``Options.threshold_split``
+  (10%) of the clean test set, on its correctly classified examples, at
+  ``Options.tpr`` (99%) true positive rate (common/eval/
+  adversarial_evaluation.py:144, 198-219, 249-270: ``sorted[floor(n *
+  round(1 - tpr, 2))]``); with a test set smaller than ``eval_subset`` plus
+  the split, the split is taken from the end and may overlap nothing;
+* the confidence-thresholded robust test error over the attacked examples
+  (adversarial_evaluation.py:428-443): ``#{(clean wrong and clean conf >=
+  tau) or (adversarial wrong and adversarial conf >= tau)} / #{clean conf
+  >= tau or adversarial conf >= tau}``.
 """
 
 from __future__ import annotations
@@ -43,11 +65,53 @@ from tsjax.methods.teacher_student import (Networks, regression_loss,
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalAttack:
+  """One row of the evaluation: the reference's ``normalized_pgd`` /
+  ``normalized_zero_pgd`` (experiments/config/common.py) with ``objective``
+  ``"conf"`` (F7P) or ``"ce"`` (F0), ``start`` ``"zero"`` or ``"uniform"``,
+  ``iterations``, base ``lr``, backtracking ``lr_factor`` and ``attempts``
+  (restarts; momentum 0.9)."""
+  objective: str = "conf"
+  start: str = "uniform"
+  iterations: int = 1000
+  lr: float = 0.001
+  lr_factor: float = 1.1
+  attempts: int = 1
+
+  def __post_init__(self):
+    cc.require(self, "objective", self.objective in ("conf", "ce"),
+               "'conf' or 'ce'")
+    cc.require(self, "start", self.start in ("zero", "uniform"),
+               "'zero' or 'uniform'")
+    cc.require(self, "iterations", cc.is_positive_int(self.iterations),
+               "an integer >= 1")
+    cc.require(self, "lr", cc.number_in(self.lr, 0, low_open=True), "> 0")
+    cc.require(self, "lr_factor", cc.number_in(self.lr_factor, 1), ">= 1")
+    cc.require(self, "attempts", cc.is_positive_int(self.attempts),
+               "an integer >= 1")
+
+  def spec(self, eps: float) -> AttackSpec:
+    return AttackSpec(norm="linf", eps=eps, step_size=self.lr,
+                      steps=self.iterations, start=self.start,
+                      restarts=self.attempts, keep_best=True,
+                      optimizer="backtrack", momentum=0.9,
+                      lr_factor=self.lr_factor, bn_mode="eval")
+
+
+# experiments/eval/main.ipynb, the L-inf white-box rows (see the docstring).
+PAPER_EVAL = (("conf", "zero", 1000, 0.001, 1.1, 1),
+              ("conf", "uniform", 1000, 0.001, 1.1, 10),
+              ("ce", "uniform", 200, 0.005, 1.25, 50))
+
+
+@dataclasses.dataclass(frozen=True)
 class Options:
   rho: float = 10.0              # power of the transition lambda(delta)
   clean_fraction: float = 0.5    # first part of each batch trained clean
   tpr: float = 0.99              # evaluation: clean correct examples kept
-  eval_restarts: int = 1         # restarts of the test-set confidence attack
+  eval_attacks: tuple = PAPER_EVAL   # EvalAttack fields, one tuple a row
+  eval_subset: int = 1000        # the first N test images are attacked
+  threshold_split: float = 0.1   # last fraction of the clean test set: tau
 
   def __post_init__(self):
     cc.require(self, "rho", cc.number_in(self.rho, 0, low_open=True), "> 0")
@@ -55,8 +119,28 @@ class Options:
                "in [0, 1]")
     cc.require(self, "tpr", cc.number_in(self.tpr, 0, 1, low_open=True),
                "in (0, 1]")
-    cc.require(self, "eval_restarts", cc.is_positive_int(self.eval_restarts),
+    cc.require(self, "eval_subset", cc.is_positive_int(self.eval_subset),
                "an integer >= 1")
+    cc.require(self, "threshold_split",
+               cc.number_in(self.threshold_split, 0, 1, low_open=True)
+               and self.threshold_split < 1, "in (0, 1)")
+    cc.require(self, "eval_attacks", len(self.eval_attacks) > 0,
+               "at least one (objective, start, iterations, lr, lr_factor, "
+               "attempts) row")
+    self.rows()
+
+  def rows(self) -> tuple:
+    """``eval_attacks`` as checked ``EvalAttack`` s (errors name the row)."""
+    out = []
+    for i, row in enumerate(self.eval_attacks):
+      fields = [f.name for f in dataclasses.fields(EvalAttack)]
+      if not isinstance(row, (tuple, list)) or len(row) != len(fields):
+        raise cc.ConfigError(
+            f"config field 'method.options.eval_attacks[{i}]' must be a "
+            f"tuple ({', '.join(fields)}), got {row!r}")
+      out.append(cc.build(EvalAttack, dict(zip(fields, row)),
+                          f"method.options.eval_attacks[{i}]"))
+    return tuple(out)
 
 
 def ccat_lambda(delta_norm: jax.Array, eps, rho: float) -> jax.Array:
@@ -118,63 +202,93 @@ def make_loss(model, *, teacher=None, attack: AttackSpec,
   return loss_fn
 
 
-def max_other_prob(logits, labels):
-  """Per-example ``max_{k != y} softmax_k`` (CCAT's attack objective)."""
-  p = jax.nn.softmax(logits, axis=-1)
-  mask = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
-  return jnp.max(jnp.where(mask, -1.0, p), axis=-1)
+max_other_prob = losses.max_other_prob   # CCAT's attack objective
 
 
 def confidence_threshold(clean_conf, clean_correct, tpr: float = 0.99):
   """tau such that a fraction ``tpr`` of correctly classified clean examples
-  have confidence >= tau (host-side NumPy)."""
+  have confidence >= tau (host-side NumPy; adversarial_evaluation.py:249-270:
+  ``sorted[floor(n * round(1 - tpr, 2))]``)."""
   conf = np.sort(np.asarray(clean_conf)[np.asarray(clean_correct, bool)])
   if conf.size == 0:
     raise ValueError("no correctly classified clean example to calibrate on")
-  idx = int(np.floor((1.0 - tpr) * conf.size))
+  idx = int(np.floor(conf.size * round(1.0 - tpr, 2)))
   return float(conf[min(idx, conf.size - 1)])
 
 
-def thresholded_errors(tau, clean_correct, adv_conf, adv_correct) -> dict:
-  """Confidence-thresholded robust error (CCAT evaluation, NumPy).
+def thresholded_errors(tau, clean_correct, clean_conf, adv_conf,
+                       adv_correct) -> dict:
+  """Confidence-thresholded evaluation of the attacked examples (NumPy).
 
-  An example is a robust error if it is misclassified clean, or its
-  adversarial example is misclassified *and* not rejected (confidence >= tau).
-  Also returns the clean error, the fraction of adversarial examples rejected
-  and the unthresholded robust error.
+  ``robust_error``: the reference's ``robust_test_error_at_confidence``
+  (adversarial_evaluation.py:428-443), errors among the examples of which
+  the clean or the adversarial input is accepted (confidence >= tau);
+  ``robust_error_unthresholded``: clean or adversarial wrong (its
+  ``robust_test_error``); also the clean error and the fraction of
+  adversarial examples rejected.
   """
   clean_correct = np.asarray(clean_correct, bool)
-  adv_conf = np.asarray(adv_conf)
+  clean_ok = np.asarray(clean_conf) >= tau
+  adv_ok = np.asarray(adv_conf) >= tau
   adv_correct = np.asarray(adv_correct, bool)
-  accepted_wrong = (~adv_correct) & (adv_conf >= tau)
+  wrong = (~clean_correct & clean_ok) | (~adv_correct & adv_ok)
+  accepted = clean_ok | adv_ok
   return {"tau": float(tau),
           "clean_error": float(np.mean(~clean_correct)),
-          "robust_error": float(np.mean(~clean_correct | accepted_wrong)),
+          "robust_error": (float(wrong.sum() / accepted.sum())
+                           if accepted.any() else 0.0),
           "robust_error_unthresholded": float(np.mean(~clean_correct |
                                                       ~adv_correct)),
-          "adv_rejected": float(np.mean(adv_conf < tau))}
+          "adv_rejected": float(np.mean(~adv_ok))}
 
 
 def test_attacks(eval_attack: AttackSpec, train_attack: AttackSpec,
-                 options: Options) -> dict:
-  """The confidence attack of the test evaluation: the training attack's
-  optimiser (F7P) at the evaluation radius, ``options.eval_restarts``
-  restarts with the best kept."""
-  return {"pgd_conf": ("conf", train_attack.replace(
-      eps=eval_attack.eps, restarts=int(options.eval_restarts),
-      keep_best=True, bn_mode="eval"))}
+                 options: Options) -> tuple[dict, int]:
+  """The evaluation's attacks at the evaluation radius (``options.rows()``)
+  and the number of leading test images they run on."""
+  del train_attack
+  attacks = {f"ccat{i}": (row.objective, row.spec(eval_attack.eps))
+             for i, row in enumerate(options.rows())}
+  return attacks, int(options.eval_subset)
+
+
+def worst_case(per_example: dict, names) -> tuple[np.ndarray, np.ndarray]:
+  """Per example, over the attacks ``names``: the adversarial confidence and
+  correctness of the one with the largest wrong-class probability
+  (experiments/eval/misc.py:321-333)."""
+  other = np.stack([per_example[f"{n}/other"] for n in names])
+  pick = np.argmax(other, axis=0)
+  cols = np.arange(other.shape[1])
+  conf = np.stack([per_example[f"{n}/conf"] for n in names])[pick, cols]
+  correct = np.stack([per_example[f"{n}/correct"] for n in names])[pick, cols]
+  return conf, correct
 
 
 def report(per_example: dict, options: Options) -> dict:
-  """Confidence-thresholded robust error at ``options.tpr`` under the
-  confidence attack (``ccat_*`` fields of a results row)."""
-  tau = confidence_threshold(per_example["clean/conf"],
-                             per_example["clean/correct"], options.tpr)
-  th = thresholded_errors(tau, per_example["clean/correct"],
-                          per_example["pgd_conf/conf"],
-                          per_example["pgd_conf/correct"])
+  """Confidence-thresholded robust error at ``options.tpr`` (``ccat_*``
+  fields of a results row): tau from the last ``threshold_split`` of the
+  clean test set, errors over the attacked first ``eval_subset``."""
+  names = sorted(k[:-len("/other")] for k in per_example
+                 if k.startswith("ccat") and k.endswith("/other"))
+  clean_conf = np.asarray(per_example["clean/conf"])
+  clean_correct = np.asarray(per_example["clean/correct"], bool)
+  n_split = int(options.threshold_split * len(clean_conf))
+  held_out = slice(len(clean_conf) - n_split, None)
+  if not clean_correct[held_out].any():   # e.g. a smoke run's 20 examples
+    return {"ccat_tau": float("nan"), "ccat_robust_error": float("nan"),
+            "ccat_robust_error_unthresholded": float("nan"),
+            "ccat_adv_rejected": float("nan"), "ccat_num_threshold": n_split,
+            "ccat_warning": f"no correctly classified example among the "
+                            f"last {n_split} test images to fix tau on"}
+  tau = confidence_threshold(clean_conf[held_out], clean_correct[held_out],
+                             options.tpr)
+  adv_conf, adv_correct = worst_case(per_example, names)
+  n = len(adv_conf)
+  th = thresholded_errors(tau, clean_correct[:n], clean_conf[:n], adv_conf,
+                          adv_correct)
   row = {f"ccat_{k}": v for k, v in th.items()}
-  row["ccat_conf_attack_acc"] = float(np.mean(per_example["pgd_conf/correct"]))
+  row.update(ccat_num_attacked=n, ccat_num_threshold=n_split,
+             ccat_conf_attack_acc=float(np.mean(adv_correct)))
   return row
 
 

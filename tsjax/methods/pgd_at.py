@@ -9,8 +9,11 @@ teacher's output *there* (the teacher is an oracle).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
+from tsjax import config_checks as cc
 from tsjax import losses
 from tsjax.attacks import AttackSpec
 from tsjax.methods.common import accuracy, ce_attack, forward
@@ -27,12 +30,32 @@ def make_ts_loss(nets: Networks, attack: AttackSpec):
   return loss_fn
 
 
-def make_loss(model, *, teacher=None, attack: AttackSpec, options=None):
+@dataclasses.dataclass(frozen=True)
+class Options:
+  # A train-mode pass on the clean batch that only updates the batch-norm
+  # running statistics (no loss term). Rice et al. train_cifar.py:339 runs
+  # ``output = model(normalize(X))`` in train mode after ``opt.step()`` (for
+  # its logged clean accuracy), so its batch statistics enter the running
+  # averages; here the pass runs inside the loss, with the parameters before
+  # the step (the one difference).
+  clean_bn_pass: bool = False
+
+  def __post_init__(self):
+    cc.require(self, "clean_bn_pass", isinstance(self.clean_bn_pass, bool),
+               "True or False")
+
+
+def make_loss(model, *, teacher=None, attack: AttackSpec,
+              options: Options = Options()):
   """Image classification (Madry et al.): mean CE at PGD-CE adversarial
   examples, the model in train mode for the loss and in ``attack.bn_mode``
-  while attacking. ``batch = {"image", "label"}``.
+  while attacking (``"train"``: every attack step updates the running
+  statistics, as Rice et al.'s ``model.train()`` attack does);
+  ``options.clean_bn_pass`` adds a clean train-mode pass after the loss's.
+  ``batch = {"image", "label"}``.
   """
-  del teacher, options
+  del teacher
+  clean_bn_pass = options.clean_bn_pass
 
   def loss_fn(params, model_state, batch, key, ctx):
     del ctx
@@ -41,10 +64,14 @@ def make_loss(model, *, teacher=None, attack: AttackSpec, options=None):
                                    attack)
     logits, model_state = forward(model, params, model_state, x_adv, train=True)
     loss = jnp.mean(losses.cross_entropy(logits, y))
-    return loss, ({"loss": loss, "adv_acc": accuracy(logits, y)}, model_state)
+    metrics = {"loss": loss, "adv_acc": accuracy(logits, y)}
+    if clean_bn_pass:
+      clean, model_state = forward(model, params, model_state, x, train=True)
+      metrics["acc"] = accuracy(clean, y)
+    return loss, (metrics, model_state)
   return loss_fn
 
 
-METHOD = Method("pgd_at", make_loss,
+METHOD = Method("pgd_at", make_loss, Options,
                 reference="Madry et al. 2018; CIFAR recipe: PreAct ResNet-18 "
                           "as in Rice et al. / Pang et al. (bag of tricks)")

@@ -38,8 +38,9 @@ class Method:
     ``init_one(key) -> (params, model_state)`` of one network (default: one
     network); ``view(params, model_state)``: the evaluated network's
     variables out of that tree (PeerAiD trains student and peer together).
-  * ``test_attacks(eval_attack, train_attack, options) -> {name: (objective,
-    AttackSpec)}``: extra test-set attacks (CCAT's confidence attack);
+  * ``test_attacks(eval_attack, train_attack, options) -> ({name:
+    (objective, AttackSpec)}, n)``: extra attacks on the first ``n`` test
+    examples (CCAT's confidence attacks);
     ``report(per_example, options) -> dict``: extra result fields from the
     per-example test arrays (CCAT's confidence-thresholded error).
   * ``init_ctx(train_images, options) -> dict``: entries added to the

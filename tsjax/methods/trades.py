@@ -2,9 +2,17 @@
 
 Inner: ``x' = argmax KL(f(x) || f(x'))`` from ``x + 0.001 N(0, I)`` (model in
 ``attack.bn_mode``, eval by default; the clean probabilities are fixed).
-Outer: ``CE(f(x), y) + beta * (1/B) sum_i KL(f(x_i) || f(x'_i))`` with both
+Outer: ``CE(f(x), y) + beta * (1/B) sum_i KL(f(x_i) || f(x'_i))`` with the
 forward passes in train mode and gradient flowing through both ``f(x)`` and
 ``f(x')`` (the reference does not detach the clean term).
+
+Train-mode passes per step, as yaodongyu/TRADES trades.py:79-82 runs them:
+``model(x)`` for the CE term, then inside the KL ``model(x_adv)`` and
+``model(x)`` again for the KL's target, so the batch-norm running statistics
+are updated three times (x, x', x). ``Options.recompute_clean=False`` reuses
+the first pass's logits as the KL target instead: the same loss and gradient
+(a train-mode pass is a deterministic function of the batch), one pass less,
+running statistics updated twice.
 """
 
 from __future__ import annotations
@@ -24,15 +32,18 @@ from tsjax.methods.registry import Method
 @dataclasses.dataclass(frozen=True)
 class Options:
   beta: float = 6.0
+  recompute_clean: bool = True   # trades.py:81-82: a third pass, model(x)
 
   def __post_init__(self):
     cc.require(self, "beta", cc.number_in(self.beta, 0), "a number >= 0")
+    cc.require(self, "recompute_clean", isinstance(self.recompute_clean, bool),
+               "True or False")
 
 
 def make_loss(model, *, teacher=None, attack: AttackSpec,
               options: Options = Options()):
   del teacher
-  beta = options.beta
+  beta, recompute_clean = options.beta, options.recompute_clean
 
   def loss_fn(params, model_state, batch, key, ctx):
     del ctx
@@ -45,8 +56,11 @@ def make_loss(model, *, teacher=None, attack: AttackSpec,
     logits, model_state = forward(model, params, model_state, x, train=True)
     logits_adv, model_state = forward(model, params, model_state, x_adv,
                                       train=True)
+    target = logits
+    if recompute_clean:
+      target, model_state = forward(model, params, model_state, x, train=True)
     natural = jnp.mean(losses.cross_entropy(logits, y))
-    robust = losses.kl(logits, logits_adv, reduction="batchmean")
+    robust = losses.kl(target, logits_adv, reduction="batchmean")
     loss = natural + beta * robust
     return loss, ({"loss": loss, "natural": natural, "robust_kl": robust,
                    "acc": accuracy(logits, y),

@@ -26,6 +26,7 @@ from tsjax.train.state import make_train_step
 SCHEDULES = ("piecewise", "cosine", "exponential", "step_exponential",
              "constant")
 OPTIMIZERS = ("sgd", "adam")
+LR_AT = ("step_start", "step_end")
 WEIGHT_DECAY_STYLES = ("l2", "decoupled")
 WEIGHT_DECAY_ON = ("all", "kernels")
 
@@ -52,8 +53,19 @@ def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   steps_per_epoch)``; step_exponential: ``lr * lr_factor ** floor(epoch)``
   (CCAT's ``LambdaLR(gamma ** floor(step / batches_per_epoch))``); cosine:
   linear warm-up over ``config.warmup_epochs`` then cosine decay to 0 at
-  ``config.epochs``.
+  ``config.epochs``. ``config.lr_at``: ``"step_start"`` (step ``s`` uses
+  the rate at ``s``) or ``"step_end"`` (at ``s + 1``: Rice et al.'s
+  train_cifar.py:306 ``lr_schedule(epoch + (i + 1) / len(train_batches))``,
+  so the last step of an epoch before a boundary already runs at the new
+  rate).
   """
+  base = _base_schedule(config, steps_per_epoch)
+  if "lr_at" in config and cc.check_choice(config, "lr_at", LR_AT) == "step_end":
+    return lambda step: base(step + 1)
+  return base
+
+
+def _base_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   lr = config.lr
   name = cc.check_choice(config, "schedule", SCHEDULES)
   if name == "constant":
@@ -190,19 +202,19 @@ def bn_reestimate(model, params, model_state, batches: Iterable,
 # ------------------------------------------------------------------ evaluation
 def make_eval_step(model, attacks: Mapping[str, tuple[str, AttackSpec]]):
   """Jitted ``eval(params, model_state, images, labels, key) -> dict`` of
-  per-example arrays (images uint8 or float in [0, 1]): ``clean/correct``, ``clean/conf`` and, per attack name,
-  ``NAME/correct`` and ``NAME/conf`` (eval-mode batch norm throughout).
+  per-example arrays (images uint8 or float in [0, 1]): ``clean/correct``,
+  ``clean/conf`` (largest probability), ``clean/other`` (largest wrong-class
+  probability) and, per attack name, ``NAME/correct``, ``NAME/conf`` and
+  ``NAME/other`` (eval-mode batch norm throughout).
 
   ``attacks``: name -> (objective, AttackSpec) with objective one of
   ``"ce"`` (PGD / FGSM on cross-entropy), ``"cw"`` (margin, CW-inf) or
   ``"conf"`` (largest wrong-class probability, CCAT's evaluation).
   """
-  from tsjax.methods.ccat import max_other_prob
-
   objectives = {
       "ce": lambda z, y: losses.cross_entropy(z, y),
       "cw": lambda z, y: losses.margin(z, y),
-      "conf": lambda z, y: max_other_prob(z, y),
+      "conf": lambda z, y: losses.max_other_prob(z, y),
   }
   for name, (obj, _) in attacks.items():
     if obj not in objectives:
@@ -220,6 +232,7 @@ def make_eval_step(model, attacks: Mapping[str, tuple[str, AttackSpec]]):
       p = jax.nn.softmax(logits, -1)
       out[f"{prefix}/correct"] = jnp.argmax(logits, -1) == labels
       out[f"{prefix}/conf"] = jnp.max(p, -1)
+      out[f"{prefix}/other"] = losses.max_other_prob(logits, labels)
 
     record("clean", f(images))
     for i, (name, (obj, att)) in enumerate(sorted(attacks.items())):

@@ -62,7 +62,11 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
       every step; evaluated with the current batch-norm statistics).
     swa_start_epoch: from this epoch on, average the parameters at the end of
       every epoch (equal weights) and re-estimate batch-norm statistics over
-      ``bn_batches()`` for the averaged parameters (needs ``model``).
+      ``bn_batches(epoch)`` for the averaged parameters (needs ``model``).
+      With ``select_metric`` the average is also selected on its own: the
+      average of the epoch with the best validation metric is kept
+      (``swa_best``; PeerAiD main.py:786-812 saves the SWA student with the
+      best test PGD-10 accuracy of the SWA student itself).
     progress: print the per-epoch lines (and a progress bar on a terminal).
     stop_after_epochs: stop (as a kill would) after this many new epochs.
     state_sharding: where the state lives (e.g. replicated over the data
@@ -74,14 +78,16 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
       trained state holds more than that model (PeerAiD trains a student and
       a peer: the view is the student). Default: the whole state.
   Returns:
-    ``{"state", "last": val metrics, "best": {"epoch", "metrics", "params",
-    "model_state"}, "ema": ..., "swa": ..., "history": [...]}``.
+    ``{"state", "last": val metrics, "best": {"epoch", "metric", "params",
+    "model_state"}, "ema": ..., "swa": ..., "swa_best": like "best" or None,
+    "history": [...]}``.
   """
   main = is_main_process()
   if main:
     os.makedirs(workdir, exist_ok=True)
   store = CheckpointStore(os.path.join(workdir, "checkpoints"))
   best_store = CheckpointStore(os.path.join(workdir, "best"), max_to_keep=1)
+  swa_store = CheckpointStore(os.path.join(workdir, "best_swa"), max_to_keep=1)
   copy = lambda t: jax.tree.map(jnp.copy, t)   # the step donates the state
   view = view or (lambda params, model_state: (params, model_state))
   v_params, v_state = view(state.params, state.model_state)
@@ -95,6 +101,9 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
       "best_metric": jnp.asarray(-jnp.inf, jnp.float32),
       "best_epoch": jnp.asarray(-1, jnp.int32),
   }
+  if swa_start_epoch is not None:
+    carry.update(swa_best_metric=jnp.asarray(-jnp.inf, jnp.float32),
+                 swa_best_epoch=jnp.asarray(-1, jnp.int32))
   place = ((lambda tree: to_global(tree, state_sharding))
            if state_sharding is not None else (lambda tree: tree))
   carry = place(carry)   # restored arrays take the template's sharding
@@ -129,7 +138,7 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
       if swa_start_epoch is not None and epoch + 1 > swa_start_epoch:
         swa = carry["swa"]
         params = swa_update(swa["params"], v_params, swa["count"])
-        ms = bn_reestimate(model, params, v_state, bn_batches())
+        ms = bn_reestimate(model, params, v_state, bn_batches(epoch))
         carry["swa"] = {"params": params, "model_state": ms,
                         "count": swa["count"] + 1}
       if evaluate_fn is not None:
@@ -140,20 +149,21 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
           ev = evaluate_fn(carry["ema"], v_state)
           record.update({f"val_ema/{k}": v for k, v in ev.items()
                          if np.isscalar(v)})
+        if select_metric is not None and select_metric not in last_val:
+          raise KeyError(f"select_metric {select_metric!r} is not among the "
+                         f"validation metrics {sorted(last_val)}")
         if carry["swa"] and int(carry["swa"]["count"]) > 0:
-          sv = evaluate_fn(carry["swa"]["params"], carry["swa"]["model_state"])
+          swa = {"params": carry["swa"]["params"],
+                 "model_state": carry["swa"]["model_state"]}
+          sv = evaluate_fn(swa["params"], swa["model_state"])
           record.update({f"val_swa/{k}": v for k, v in sv.items()
                          if np.isscalar(v)})
+          if select_metric is not None:
+            _select(carry, "swa_best", sv[select_metric], epoch, swa_store,
+                    swa)
         if select_metric is not None:
-          if select_metric not in last_val:
-            raise KeyError(f"select_metric {select_metric!r} is not among the "
-                           f"validation metrics {sorted(last_val)}")
-          if last_val[select_metric] > float(carry["best_metric"]):
-            carry["best_metric"] = jnp.asarray(last_val[select_metric],
-                                               jnp.float32)
-            carry["best_epoch"] = jnp.asarray(epoch + 1, jnp.int32)
-            best_store.save(epoch + 1, {"params": v_params,
-                                        "model_state": v_state})
+          _select(carry, "best", last_val[select_metric], epoch, best_store,
+                  {"params": v_params, "model_state": v_state})
       writer.write_scalars(int(state.step), record)
       history.append(record)
       carry = place(carry)
@@ -171,17 +181,33 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
   finally:
     writer.close()
     store.close()
-  best = None
-  if select_metric is not None and int(carry["best_epoch"]) > 0:
-    be = int(carry["best_epoch"])
-    v_params, v_state = view(state.params, state.model_state)
-    tree = best_store.restore(be, {"params": v_params,
-                                   "model_state": v_state})
-    best = {"epoch": be, "metric": float(carry["best_metric"]), **tree}
-  best_store.close()
+  v_params, v_state = view(state.params, state.model_state)
+  template = {"params": v_params, "model_state": v_state}
+  best = _selected(carry, "best", best_store, template)
+  swa_best = _selected(carry, "swa_best", swa_store, template)
   return {"stopped": False, "state": state, "last": last_val, "best": best,
           "ema": carry["ema"] or None, "swa": carry["swa"] or None,
-          "history": history}
+          "swa_best": swa_best, "history": history}
+
+
+def _select(carry, name: str, value, epoch: int, store, tree) -> None:
+  """Keeps ``tree`` in ``store`` (and its epoch / metric in ``carry``)
+  when ``value`` beats the best ``name`` so far."""
+  if value > float(carry[f"{name}_metric"]):
+    carry[f"{name}_metric"] = jnp.asarray(value, jnp.float32)
+    carry[f"{name}_epoch"] = jnp.asarray(epoch + 1, jnp.int32)
+    store.save(epoch + 1, tree)
+
+
+def _selected(carry, name: str, store, template) -> dict | None:
+  """The kept ``name`` tree with its epoch and metric, or None; closes
+  ``store``."""
+  epoch = int(carry.get(f"{name}_epoch", -1))
+  tree = store.restore(epoch, template) if epoch > 0 else None
+  store.close()
+  if tree is None:
+    return None
+  return {"epoch": epoch, "metric": float(carry[f"{name}_metric"]), **tree}
 
 
 def format_seconds(seconds: float) -> str:
