@@ -16,8 +16,12 @@ images, on test images moved off the training images' PCA subspace
 robust accuracy under PGD unrestricted, restricted to the subspace and to its
 complement; AutoAttack accuracy from the training run.
 
-Variants: ``fashion_mnist`` (the committed study; a 2-core CPU budget), and
-``smoke`` (a few steps on small subsets; what the tests run).
+Variants: ``fashion_mnist`` (the committed study; a 2-core CPU budget),
+``within`` (added to it: the four methods whose within-method question
+matters, standard, PGD-AT, IAD and AdvFunMatch, at ``WITHIN_SEEDS`` seeds on
+a smaller student budget, so that a within-method correlation rests on at
+least ``eval.min_runs`` runs) and ``smoke`` (a few steps on small subsets;
+what the tests run).
 """
 
 import ml_collections
@@ -26,6 +30,9 @@ import ml_collections
 # Yang et al. (off-subspace augmentation) and the distillation methods.
 METHODS = ("standard", "pgd_at", "offsubspace", "kd", "ard", "rslad", "iad",
            "peeraid", "advfunmatch")
+WITHIN_METHODS = ("standard", "pgd_at", "iad", "advfunmatch")
+WITHIN_SEEDS = tuple(range(8))
+VARIANTS = ("fashion_mnist", "within", "smoke")
 
 
 def _nested(dotted: dict) -> ml_collections.ConfigDict:
@@ -44,10 +51,10 @@ def _nested(dotted: dict) -> ml_collections.ConfigDict:
 
 def get_config(arg: str = "fashion_mnist") -> ml_collections.ConfigDict:
   parts = [p.strip() for p in arg.split(",") if p.strip()]
-  unknown = [p for p in parts if p not in ("fashion_mnist", "smoke")]
+  unknown = [p for p in parts if p not in VARIANTS]
   if unknown:
     raise ValueError(f"unknown variant(s) {unknown} of "
-                     f"configs/specialization.py; 'fashion_mnist', 'smoke'")
+                     f"configs/specialization.py; expected some of {VARIANTS}")
   c = ml_collections.ConfigDict()
   c.dataset = "fashion_mnist"
   c.data_dir = ml_collections.FieldReference(None, field_type=str)
@@ -85,6 +92,19 @@ def get_config(arg: str = "fashion_mnist") -> ml_collections.ConfigDict:
   c.eval.conv_samples = "positions"
   c.eval.thresholds = (0.5, 0.8, 0.9)
   c.eval.bootstrap = 2000         # resamples of every confidence interval
+  c.eval.permutations = 10000     # of the permutation p-values (exact if n! <=)
+  # Fewer runs than this: no correlation is reported for the group (with 3
+  # runs a rank correlation takes only four values).
+  c.eval.min_runs = 8
+
+  if "within" in parts:
+    c.methods, c.seeds = WITHIN_METHODS, WITHIN_SEEDS
+    c.student.overrides = _nested({
+        "data.train_subset": 6000, "data.num_val": 1000,
+        "data.test_subset": 1000, "train.epochs": 2, "train.boundaries": (1,),
+        "method.attack.steps": 5, "method.attack.step_size": 0.05,
+        "eval.val_subset": 500, "eval.autoattack_subset": 0})
+    c.eval.num_images = 500
 
   if "smoke" in parts:
     c.methods = ("standard", "kd", "offsubspace")
@@ -106,4 +126,6 @@ def get_config(arg: str = "fashion_mnist") -> ml_collections.ConfigDict:
     c.eval.pgd_steps = 2
     c.eval.pgd_step_size = 0.05
     c.eval.bootstrap = 200
+    c.eval.permutations = 200
+    c.eval.min_runs = 1
   return c

@@ -14,7 +14,9 @@ r"""Specialization on real images (configs/specialization.py).
    run and row by row, the same seeds giving the same rows).
 4. ``WORKDIR/summary.md``: the table, Spearman correlations between
    specialization (per layer, per input kind) and robust accuracy across all
-   runs and within each method, each with a bootstrap interval; PNG plots.
+   runs and within each method with at least ``eval.min_runs`` runs, each
+   with a bootstrap interval and a permutation p-value; PNG plots. A study
+   with every row present trains nothing and writes the summary again.
 
 Measurements of a run's validation-selected ("best") student on the first
 ``eval.num_images`` test images, all in eval mode:
@@ -127,6 +129,9 @@ def validate(config) -> None:
   cc.check_number(config, "eval.eps", low=0.0)
   cc.check_number(config, "eval.pgd_steps", low=1, integer=True)
   cc.check_choice(config, "eval.conv_samples", ispec.CONV_SAMPLES)
+  cc.check_number(config, "eval.bootstrap", low=1, integer=True)
+  cc.check_number(config, "eval.permutations", low=1, integer=True)
+  cc.check_number(config, "eval.min_runs", low=1, integer=True)
   train.validate(teacher_config(config))
   for m in config.methods:
     train.validate(student_config(config, m, config.seeds[0], "teacher"),
@@ -225,38 +230,48 @@ def _test_images(config):
   return jnp.asarray(x), jnp.asarray(test.labels[:n])
 
 
-def run(config, workdir: str) -> dict:
-  validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  common.atomic_write(os.path.join(workdir, "config.json"),
-                      json.dumps(common.config_dict(config), indent=2))
+def _train_and_measure(config, workdir, rows_path, sub) -> None:
+  """Trains the teacher (once) and every (method, seed) run without a row,
+  measuring each into ``rows_path`` as it finishes."""
+  done = {(r["method"], r["seed"]) for r in read_rows(rows_path)}
+  todo = [(m, int(s)) for s in config.seeds for m in config.methods
+          if (m, int(s)) not in done]
+  if not todo:
+    return
   teacher_dir = os.path.join(workdir, "teacher")
   if not os.path.exists(os.path.join(teacher_dir, "results.json")):
     print("== teacher (PGD-AT)", flush=True)   # results.json: run finished
     train.run(teacher_config(config), teacher_dir)
   t_model, t_params, t_ms, _ = load_run(teacher_dir, "best")
   teacher = (t_model, {"params": t_params, **t_ms})
+  x, y = _test_images(config)
+  for method, seed in todo:
+    run_dir = os.path.join(workdir, f"{method}_s{seed}")
+    print(f"== {method} seed {seed}", flush=True)
+    if not os.path.exists(os.path.join(run_dir, "results.json")):
+      train.run(student_config(config, method, seed, teacher_dir), run_dir)
+    row = {"method": method, "seed": seed, "k": sub.k,
+           **measure(config, run_dir, teacher, sub, x, y,
+                     jax.random.key(seed))}
+    append_row(rows_path, row)
+
+
+def run(config, workdir: str) -> dict:
+  """The study (module docstring). A work dir whose ``results.jsonl`` has a
+  row for every (method, seed) trains nothing: the summary and plots are
+  made again from the rows (e.g. after a change of the summary's
+  statistics). A work dir of another config is refused."""
+  validate(config)
+  common.prepare_workdir(workdir, config)
   train_x = images.load_dataset(config.dataset, "train", config.data_dir)
   sub = subspace.pca_subspace(train_x.images, variance=config.subspace.variance,
                               max_examples=config.subspace.max_examples)
   print(f"data subspace: k = {sub.k} directions explain "
         f"{100 * sub.explained:.1f}% of the variance", flush=True)
-  x, y = _test_images(config)
   rows_path = os.path.join(workdir, "results.jsonl")
-  done = {(r["method"], r["seed"]) for r in read_rows(rows_path)}
-  for seed in config.seeds:
-    for method in config.methods:
-      if (method, int(seed)) in done:
-        continue
-      run_dir = os.path.join(workdir, f"{method}_s{seed}")
-      print(f"== {method} seed {seed}", flush=True)
-      if not os.path.exists(os.path.join(run_dir, "results.json")):
-        train.run(student_config(config, method, seed, teacher_dir), run_dir)
-      row = {"method": method, "seed": int(seed), "k": sub.k,
-             **measure(config, run_dir, teacher, sub, x, y,
-                       jax.random.key(int(seed)))}
-      append_row(rows_path, row)
-  rows = read_rows(rows_path)
+  _train_and_measure(config, workdir, rows_path, sub)
+  wanted = {(m, int(s)) for m in config.methods for s in config.seeds}
+  rows = [r for r in read_rows(rows_path) if (r["method"], r["seed"]) in wanted]
   text = summary_markdown(config, rows, sub)
   common.atomic_write(os.path.join(workdir, "summary.md"), text)
   plot(rows, workdir)
@@ -268,23 +283,32 @@ def run(config, workdir: str) -> dict:
 def correlations(rows, config, target: str = "pgd_acc") -> list[dict]:
   """Spearman(specialization, ``target``) per layer and input kind, across
   all runs (bootstrap resampling runs within each method) and within each
-  method (resampling its seeds)."""
+  method (resampling its seeds), each with a two-sided permutation p-value
+  (``stats.permutation_pvalue``: the accuracies permuted over the group's
+  runs). A group of fewer than ``eval.min_runs`` runs gets no correlation
+  (``rho`` None): with 3 runs a rank correlation takes four values and a
+  bootstrap interval such as [+1.00, +1.00] reads as certainty."""
   out = []
   n_layers = min(r["num_layers"] for r in rows)
   method_of = np.asarray([r["method"] for r in rows])
   acc = np.asarray([r[target] for r in rows], float)
+  e = config.eval
   for kind in KINDS:
     for li in range(n_layers):
       s = np.asarray([r[f"spec_{kind}/layer{li}"] for r in rows], float)
       groups = [("all", np.ones(len(rows), bool))] + [
           (m, method_of == m) for m in dict.fromkeys(method_of)]
       for name, sel in groups:
-        rho = stats.spearman(s[sel], acc[sel])
-        lo, hi = stats.bootstrap_ci(
-            stats.spearman, s[sel], acc[sel], n_boot=int(config.eval.bootstrap),
-            strata=method_of[sel] if name == "all" else None)
-        out.append({"kind": kind, "layer": li, "runs": name, "n": int(sel.sum()),
-                    "rho": rho, "low": lo, "high": hi})
+        c = {"kind": kind, "layer": li, "runs": name, "n": int(sel.sum()),
+             "rho": None, "low": None, "high": None, "p": None}
+        if c["n"] >= int(e.min_runs):
+          c["rho"] = stats.spearman(s[sel], acc[sel])
+          c["low"], c["high"] = stats.bootstrap_ci(
+              stats.spearman, s[sel], acc[sel], n_boot=int(e.bootstrap),
+              strata=method_of[sel] if name == "all" else None)
+          c["p"] = stats.permutation_pvalue(s[sel], acc[sel],
+                                            n_perm=int(e.permutations))
+        out.append(c)
   return out
 
 
@@ -292,6 +316,12 @@ def _fmt(v, pct=True):
   if v is None or (isinstance(v, float) and np.isnan(v)):
     return "–"
   return f"{100 * v:.1f}" if pct else f"{v:+.2f}"
+
+
+def _fmt_p(p) -> str:
+  if np.isnan(p):
+    return "–"
+  return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def summary_markdown(config, rows, sub) -> str:
@@ -315,13 +345,20 @@ def summary_markdown(config, rows, sub) -> str:
         f"{r[f'spec_{k}/layer{li}']:.3f}" for k in KINDS for li in range(n_layers)]
     lines.append("| " + " | ".join(cells) + " |")
   lines += ["", "Spearman correlation between specialization and PGD "
-            "accuracy (95% bootstrap interval; across all runs the resampling "
-            "keeps each method's number of runs):", "",
-            "| input | layer | runs | n | rho | interval |", "|---|---|---|---|---|---|"]
+            "accuracy: 95% bootstrap interval (across all runs the "
+            "resampling keeps each method's number of runs) and two-sided "
+            "permutation p-value (the accuracies permuted over the group's "
+            f"runs); groups of fewer than {int(config.eval.min_runs)} runs "
+            "get no correlation (\"n too small\"):", "",
+            "| input | layer | runs | n | rho | interval | p |",
+            "|---|---|---|---|---|---|---|"]
   for c in correlations(rows, config):
+    cells = ("n too small", "–", "–") if c["rho"] is None else (
+        _fmt(c["rho"], False),
+        f"[{_fmt(c['low'], False)}, {_fmt(c['high'], False)}]",
+        _fmt_p(c["p"]))
     lines.append(f"| {c['kind']} | {c['layer']} | {c['runs']} | {c['n']} | "
-                 f"{_fmt(c['rho'], False)} | [{_fmt(c['low'], False)}, "
-                 f"{_fmt(c['high'], False)}] |")
+                 + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,7 @@ config errors before anything trains."""
 
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -59,7 +60,50 @@ def test_smoke_study_end_to_end_and_resume(tmp_path):
   assert again["rows"] == rows
   assert mtimes == {d: os.path.getmtime(tmp_path / d / "results.json")
                     for d in mtimes}
+  # ... and a changed config is refused before anything is written.
+  saved = (tmp_path / "config.json").read_text()
+  c2 = configs.get_config("fashion_mnist,smoke")
+  c2.eval.pgd_steps = 3
+  with pytest.raises(ValueError, match="eval.pgd_steps"):
+    study.run(c2, str(tmp_path))
+  assert (tmp_path / "config.json").read_text() == saved
   # (test_same_seeds_same_rows, slow: the same rows from scratch.)
+
+
+def _rows(per_method, n_layers=1, seed=0):
+  rng = np.random.default_rng(seed)
+  rows = []
+  for m, n in per_method.items():
+    for s in range(n):
+      r = {"method": m, "seed": s, "num_layers": n_layers,
+           "pgd_acc": float(rng.uniform()), "clean_acc": 0.9}
+      for kind in study.KINDS:
+        for li in range(n_layers):
+          r[f"spec_{kind}/layer{li}"] = float(rng.uniform())
+      rows.append(r)
+  return rows
+
+
+def test_summary_reports_no_correlation_for_fewer_than_min_runs():
+  """No interval or rho from fewer than eval.min_runs (8) runs; the groups
+  that have them get rho, interval and a permutation p-value."""
+  c = configs.get_config("fashion_mnist")
+  c.eval.bootstrap, c.eval.permutations = 200, 500
+  rows = _rows({"standard": 3, "pgd_at": 8, "iad": 7})
+  corr = {(x["kind"], x["runs"]): x for x in study.correlations(rows, c)}
+  for kind in study.KINDS:
+    for name, n in (("standard", 3), ("iad", 7)):
+      x = corr[(kind, name)]
+      assert x["n"] == n and x["rho"] is x["low"] is x["p"] is None
+    for name in ("pgd_at", "all"):
+      x = corr[(kind, name)]
+      assert x["rho"] is not None and 0 < x["p"] <= 1
+      assert x["low"] <= x["rho"] <= x["high"]
+  sub = types.SimpleNamespace(k=5, explained=0.9)
+  text = study.summary_markdown(c, rows, sub)
+  assert "| clean | 0 | standard | 3 | n too small | – | – |" in text
+  assert "| clean | 0 | iad | 7 | n too small | – | – |" in text
+  assert "| clean | 0 | pgd_at | 8 | n too small" not in text
 
 
 def test_config_errors_before_training(tmp_path):

@@ -1,12 +1,46 @@
 """Spearman, bootstrap intervals and the teacher–student study's summary
 statistics and claims (no training: the metrics are made up here)."""
 
+import itertools
+
 import numpy as np
 import pytest
 import scipy.stats
 
 from experiments import teacher_student as exp_ts
 from tsjax.metrics import stats
+
+
+# ---------------------------------------------------------- permutation test
+def _brute_force_p(x, y):
+  """Every pairing, scipy's Spearman: the fraction with |rho| >= observed."""
+  rho = scipy.stats.spearmanr(x, y)[0]
+  r = [scipy.stats.spearmanr(x, np.asarray(y)[list(p)])[0]
+       for p in itertools.permutations(range(len(x)))]
+  return np.mean(np.abs(r) >= abs(rho) - 1e-12)
+
+
+@pytest.mark.parametrize("n,ties", [(4, False), (6, False), (6, True)])
+def test_permutation_pvalue_exact_against_brute_force(n, ties):
+  rng = np.random.default_rng(n)
+  x = rng.integers(0, 3, n) if ties else rng.normal(size=n)
+  y = x + rng.normal(size=n)
+  assert stats.permutation_pvalue(x, y, n_perm=10 ** 4) == pytest.approx(
+      _brute_force_p(x, y))
+
+
+def test_permutation_pvalue_monte_carlo_close_to_exact():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=7)
+  y = x + 1.5 * rng.normal(size=7)
+  exact = _brute_force_p(x, y)                   # 7! = 5040 pairings
+  mc = stats.permutation_pvalue(x, y, n_perm=4000, seed=3)
+  assert abs(mc - exact) < 4 * np.sqrt(exact * (1 - exact) / 4000) + 1e-3
+  assert stats.permutation_pvalue(x, y, n_perm=4000, seed=3) == mc
+  # Perfect order with many runs: the smallest Monte-Carlo value, never 0.
+  assert stats.permutation_pvalue(np.arange(12.), np.arange(12.),
+                                  n_perm=999) == pytest.approx(1 / 1000)
+  assert np.isnan(stats.permutation_pvalue([1, 1, 1], [1, 2, 3]))
 
 
 # ------------------------------------------------------------------ Spearman
