@@ -29,7 +29,9 @@ defaults: model selection on a validation split carved from train
 Teachers (methods with ``needs_teacher``): ``teacher.checkpoint`` = the work
 dir of an ``experiments.train`` run (``teacher.which``: best | last | swa), or
 ``teacher.torch_checkpoint`` = a PyTorch state_dict (RobustBench key names;
-``teacher.model`` gives the architecture, ``teacher.sha256`` the checksum).
+``teacher.model`` or ``teacher.robustbench`` (a RobustBench entry name) gives
+the architecture, ``teacher.mean`` / ``teacher.std`` the input normalisation,
+``teacher.sha256`` the checksum).
 """
 
 import dataclasses
@@ -79,6 +81,14 @@ def _base(dataset: str, method: str) -> ml_collections.ConfigDict:
   c.teacher.which = "best"
   c.teacher.torch_checkpoint = ml_collections.FieldReference(None, field_type=str)
   c.teacher.sha256 = ""
+  # A RobustBench CIFAR-10 entry name (tsjax.models.torch_convert.ROBUSTBENCH)
+  # picks the PyTorch teacher's architecture, block variant and normalisation
+  # (teacher.model is then not read).
+  c.teacher.robustbench = ml_collections.FieldReference(None, field_type=str)
+  # The PyTorch teacher's input normalisation; None: the RobustBench entry's,
+  # a DeepMind checkpoint's buffers, or the student's.
+  c.teacher.mean = ml_collections.FieldReference(None, field_type=tuple)
+  c.teacher.std = ml_collections.FieldReference(None, field_type=tuple)
   c.teacher.model = ml_collections.ConfigDict()
   c.teacher.model.name = "small_cnn"
   c.teacher.model.kwargs = ml_collections.ConfigDict()

@@ -27,14 +27,16 @@ import pytest
 torch = pytest.importorskip("torch")
 tnn = torch.nn
 
-from tsjax.models import (CIFAR100_MEAN, CIFAR100_STD,  # noqa: E402
+from tsjax.models import (CIFAR10_MEAN, CIFAR10_STD,  # noqa: E402
+                          CIFAR100_MEAN, CIFAR100_STD,
                           PreActResNet18, compute_sha256, convert_state_dict,
                           convert_torch_checkpoint, get_model,
                           load_torch_state_dict, save_state_dict_npz,
                           torch_state_dict_shapes)
 
-from torch_nets import (TorchDMWideResNet, TorchResNet18,  # noqa: E402
-                        TorchSmallCNN, TorchWideResNet)
+from torch_nets import (TorchDMPreActResNet, TorchDMWideResNet,  # noqa: E402
+                        TorchResNet18, TorchSmallCNN, TorchWideResNet)
+from tsjax.models import torch_convert  # noqa: E402
 
 F32 = jnp.float32
 
@@ -99,6 +101,26 @@ CASES = {
     "preact_resnet18-no-final-bn": (
         lambda: TorchResNet18(width=16, preact=True, final_bn=False),
         "preact_resnet18", {"width": 16, "final_bn": False}, (3, 32, 32, 3)),
+    # RobustBench's PreActBlock: the 1x1 shortcut from the raw input
+    # (resnet.py:121-144), with and without bn_before_fc (= final_bn).
+    "preact_resnet18-input-shortcut": (
+        lambda: TorchResNet18(width=16, preact=True, final_bn=False,
+                              shortcut_from="input"),
+        "preact_resnet18", {"width": 16, "final_bn": False,
+                            "shortcut_from": "input"}, (3, 32, 32, 3)),
+    "preact_resnet18-input-shortcut-final-bn": (
+        lambda: TorchResNet18(width=16, preact=True, final_bn=True,
+                              shortcut_from="input"),
+        "preact_resnet18", {"width": 16, "shortcut_from": "input"},
+        (3, 32, 32, 3)),
+    # DeepMind's PreAct ResNet-18 (RobustBench DMPreActResNet), Swish and
+    # ReLU, its CIFAR-10 normalisation (not in the state_dict).
+    "dm_preact_resnet18-swish": (
+        lambda: TorchDMPreActResNet(10, "swish"), "dm_preact_resnet18",
+        {"activation": "swish"}, (3, 32, 32, 3)),
+    "dm_preact_resnet18-relu": (
+        lambda: TorchDMPreActResNet(10, "relu"), "dm_preact_resnet18",
+        {"activation": "relu"}, (3, 32, 32, 3)),
     # n = 2 blocks per group (identity and projection shortcuts), TRADES'
     # unused sub_block1 present (dropped by the converter), 100 classes.
     "wide_resnet-16-2": (
@@ -451,3 +473,105 @@ def test_dm_checkpoint_sha256_and_mean_std_from_buffers(tmp_path):
   with pytest.raises(ValueError, match="normalisation buffers"):
     convert_torch_checkpoint(path, "dm_wide_resnet", mean=(0.5,),
                              std=(0.5,), **kw)
+
+
+def test_input_shortcut_checkpoint_as_the_preact_block_is_silently_wrong():
+  """The key names are the same, so the wrong block converts; its logits
+  differ (the bug RobustBench's PreActResNet18 met before shortcut_from)."""
+  net = randomise(TorchResNet18(width=16, preact=True, final_bn=False,
+                                shortcut_from="input"), seed=3)
+  x = nhwc_images((3, 32, 32, 3), seed=1)
+  want = torch_logits(net, x)
+  got = {}
+  for src in ("input", "preact"):
+    kw = {"width": 16, "final_bn": False, "shortcut_from": src}
+    params, state = convert_state_dict(net.state_dict(), "preact_resnet18",
+                                       **kw)
+    got[src] = flax_logits(get_model("preact_resnet18", **kw), params,
+                           state, x)
+  assert_logits_close(got["input"], want)
+  assert np.abs(got["preact"] - want).max() > 0.1 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("entry,net", [
+    ("Andriushchenko2020Understanding",
+     lambda: TorchResNet18(preact=True, final_bn=False, shortcut_from="input")),
+    ("Rice2020Overfitting_L2",
+     lambda: TorchResNet18(preact=True, final_bn=True, shortcut_from="preact",
+                           mean=(0.4914, 0.4822, 0.4465),
+                           std=(0.2471, 0.2435, 0.2616))),
+    ("Rebuffi2021Fixing_R18_ddpm", lambda: TorchDMPreActResNet(10, "swish"))])
+def test_robustbench_entry_names_pick_the_architecture(entry, net):
+  """cifar10.py:405-407 (PreActBlock, no bn), :216-230 (PreActBlockV2,
+  bn_before_fc, mu / sigma), :634-642 (DMPreActResNet, Swish)."""
+  net = randomise(net(), seed=5)
+  x = nhwc_images((2, 32, 32, 3), seed=2)
+  name, kwargs, ignore = torch_convert.robustbench_model(entry)
+  sd = dict(net.state_dict())
+  if ignore:                              # the subclass's mu / sigma buffers
+    sd.update(mu=torch.zeros(1, 3, 1, 1), sigma=torch.ones(1, 3, 1, 1))
+  params, state = convert_state_dict(sd, name, ignore=ignore, **kwargs)
+  assert_logits_close(flax_logits(get_model(name, **kwargs), params, state, x),
+                      torch_logits(net, x))
+  with pytest.raises(ValueError, match="known"):
+    torch_convert.robustbench_model("Nobody2099")
+
+
+def _teacher_config(path, **fields):
+  import ml_collections
+  return ml_collections.ConfigDict({
+      "checkpoint": None, "torch_checkpoint": str(path), "sha256": "",
+      "robustbench": None, "mean": None, "std": None,
+      "model": {"name": "dm_preact_resnet18",
+                "kwargs": {"activation": "swish"}}, **fields})
+
+
+def test_dm_teacher_without_buffers_needs_its_normalisation(tmp_path):
+  """A DeepMind checkpoint carries no mean / std: the teacher's
+  normalisation must come from teacher.mean / std or its RobustBench entry,
+  never silently from the student's (here: none, as for normalize=False)."""
+  from tsjax import config_checks as cc
+  from tsjax.train.teachers import load_teacher
+  net = randomise(TorchDMPreActResNet(10, "swish"), seed=7)
+  path = tmp_path / "dm_r18.npz"
+  save_state_dict_npz(net.state_dict(), path)
+  x = nhwc_images((2, 32, 32, 3), seed=4)
+  want = torch_logits(net, x)
+  student = dict(num_classes=10, mean=(0.0,), std=(1.0,),
+                 input_shape=(32, 32, 3))
+  with pytest.raises(cc.ConfigError, match=r"teacher\.mean.*teacher\.std"):
+    load_teacher(_teacher_config(path), **student)
+  with pytest.raises(cc.ConfigError, match="both"):
+    load_teacher(_teacher_config(path, mean=tuple(CIFAR10_MEAN)), **student)
+  rb = "Rebuffi2021Fixing_R18_ddpm"
+  for tcfg in (_teacher_config(path, mean=tuple(CIFAR10_MEAN),
+                               std=tuple(CIFAR10_STD)),
+               _teacher_config(path, robustbench=rb,
+                               model={"name": "small_cnn", "kwargs": {}})):
+    model, params, state = load_teacher(tcfg, **student)
+    assert_logits_close(flax_logits(model, params, state, x), want)
+  with pytest.raises(cc.ConfigError, match="teacher.robustbench.*known"):
+    load_teacher(_teacher_config(path, robustbench="Nobody2099"), **student)
+  with pytest.raises(cc.ConfigError, match="teacher.mean"):
+    load_teacher(_teacher_config(None, checkpoint=str(tmp_path),
+                                 torch_checkpoint=None, mean=(0.5,),
+                                 std=(0.5,)), **student)
+
+
+def test_robustbench_preact_teacher_takes_raw_input_shortcut(tmp_path):
+  """teacher.robustbench picks the block variant the key names cannot tell:
+  Andriushchenko2020Understanding's PreActBlock, [0, 1] inputs whatever the
+  student's normalisation."""
+  from tsjax.train.teachers import load_teacher
+  net = randomise(TorchResNet18(preact=True, final_bn=False,
+                                shortcut_from="input"), seed=8)
+  path = tmp_path / "r18.npz"
+  save_state_dict_npz(net.state_dict(), path)
+  x = nhwc_images((2, 32, 32, 3), seed=5)
+  tcfg = _teacher_config(path, robustbench="Andriushchenko2020Understanding")
+  model, params, state = load_teacher(
+      tcfg, num_classes=10, mean=tuple(CIFAR10_MEAN), std=tuple(CIFAR10_STD),
+      input_shape=(32, 32, 3))
+  assert model.shortcut_from == "input" and not model.final_bn
+  assert_logits_close(flax_logits(model, params, state, x),
+                      torch_logits(net, x))

@@ -94,12 +94,15 @@ class TorchBasicBlock(tnn.Module):
 
 
 class TorchPreActBlock(tnn.Module):
-  """Rice et al. / RobustBench ``PreActBlock``: ``a = relu(bn1(x))``,
-  ``conv2(relu(bn2(conv1(a)))) + shortcut`` with the 1x1 strided shortcut
-  conv applied to ``a`` when the shape changes."""
+  """Pre-activation block: ``a = relu(bn1(x))``, ``conv2(relu(bn2(conv1(a))))
+  + shortcut`` with the 1x1 strided shortcut conv, when the shape changes,
+  applied to ``a`` (``shortcut_from="preact"``: Rice et al., RobustBench
+  ``PreActBlockV2``) or to the raw ``x`` (``"input"``: RobustBench
+  ``PreActBlock`` with ``out_shortcut=False``)."""
 
-  def __init__(self, in_planes, planes, stride=1):
+  def __init__(self, in_planes, planes, stride=1, shortcut_from="preact"):
     super().__init__()
+    self.shortcut_from = shortcut_from
     self.bn1 = tnn.BatchNorm2d(in_planes)
     self.conv1 = tnn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
     self.bn2 = tnn.BatchNorm2d(planes)
@@ -111,7 +114,8 @@ class TorchPreActBlock(tnn.Module):
 
   def forward(self, x):
     a = F.relu(self.bn1(x))
-    shortcut = self.shortcut(a) if self.shortcut is not None else x
+    src = a if self.shortcut_from == "preact" else x
+    shortcut = self.shortcut(src) if self.shortcut is not None else x
     out = self.conv2(F.relu(self.bn2(self.conv1(a))))
     return out + shortcut
 
@@ -122,7 +126,7 @@ class TorchResNet18(tnn.Module):
   (``preact=True``; ``final_bn`` adds RobustBench's ``bn`` before pooling)."""
 
   def __init__(self, num_classes=10, width=64, preact=False, final_bn=True,
-               in_channels=3, mean=None, std=None):
+               in_channels=3, mean=None, std=None, shortcut_from="preact"):
     super().__init__()
     self.preact, self.final_bn = preact, final_bn
     self.norm = _norm(mean, std)
@@ -135,7 +139,9 @@ class TorchResNet18(tnn.Module):
       planes = width * 2 ** s
       layers = []
       for i in range(2):
-        layers.append(block(in_planes, planes, stride if i == 0 else 1))
+        layers.append(block(in_planes, planes, stride if i == 0 else 1,
+                            shortcut_from) if preact else
+                      block(in_planes, planes, stride if i == 0 else 1))
         in_planes = planes
       setattr(self, f"layer{s + 1}", tnn.Sequential(*layers))
     if preact and final_bn:
@@ -295,3 +301,66 @@ class TorchDMWideResNet(tnn.Module):
     out = self.relu(self.batchnorm(self.layer(out)))
     out = F.avg_pool2d(out, 8)
     return self.logits(out.view(-1, self.num_channels))
+
+
+class TorchDMPreActBlock(tnn.Module):
+  """RobustBench / DM ``_PreActBlock``: ``a = act(batchnorm_0(x))``, DM's hand
+  padding ((1, 1) at stride 1, (0, 1) at stride 2) before ``conv_2d_1`` and
+  before the **3x3** ``shortcut``, which reads the raw ``x`` and exists when
+  the stride or the width changes."""
+
+  def __init__(self, in_planes, out_planes, stride, act):
+    super().__init__()
+    self.stride = stride
+    self.batchnorm_0 = tnn.BatchNorm2d(in_planes)
+    self.relu_0 = act()
+    self.conv_2d_1 = tnn.Conv2d(in_planes, out_planes, 3, stride, 0, bias=False)
+    self.batchnorm_1 = tnn.BatchNorm2d(out_planes)
+    self.relu_1 = act()
+    self.conv_2d_2 = tnn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+    self.has_shortcut = stride != 1 or in_planes != out_planes
+    if self.has_shortcut:
+      self.shortcut = tnn.Conv2d(in_planes, out_planes, 3, stride, 0,
+                                 bias=False)
+
+  def _pad(self, v):
+    return F.pad(v, (1, 1, 1, 1) if self.stride == 1 else (0, 1, 0, 1))
+
+  def forward(self, x):
+    out = self.relu_0(self.batchnorm_0(x))
+    shortcut = self.shortcut(self._pad(x)) if self.has_shortcut else x
+    out = self.conv_2d_2(self.relu_1(self.batchnorm_1(
+        self.conv_2d_1(self._pad(out)))))
+    return out + shortcut
+
+
+class TorchDMPreActResNet(tnn.Module):
+  """RobustBench ``DMPreActResNet`` (depth 18): ``conv_2d`` stem (no BN),
+  ``layer_0..3`` of ``TorchDMPreActBlock`` s, ``batchnorm`` + activation,
+  average pool, ``logits``; ``mean`` / ``std`` non-persistent buffers (not in
+  the state_dict, as in RobustBench)."""
+
+  def __init__(self, num_classes=10, activation="swish",
+               mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616)):
+    super().__init__()
+    act = TorchSwish if activation == "swish" else tnn.ReLU
+    self.norm = Normalize(mean, std)
+    self.conv_2d = tnn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    in_planes = 64
+    for s, stride in enumerate((1, 2, 2, 2)):
+      planes = 64 * 2 ** s
+      blocks = [TorchDMPreActBlock(in_planes if i == 0 else planes, planes,
+                                   stride if i == 0 else 1, act)
+                for i in range(2)]
+      setattr(self, f"layer_{s}", tnn.Sequential(*blocks))
+      in_planes = planes
+    self.batchnorm = tnn.BatchNorm2d(512)
+    self.relu = act()
+    self.logits = tnn.Linear(512, num_classes)
+
+  def forward(self, x):
+    out = self.conv_2d(self.norm(x))
+    for s in range(4):
+      out = getattr(self, f"layer_{s}")(out)
+    out = self.relu(self.batchnorm(out))
+    return self.logits(F.adaptive_avg_pool2d(out, 1).flatten(1))

@@ -4,7 +4,8 @@ Registry names (``get_model(name, **kwargs)``):
 
   ``mlp``              MLP(widths, outputs, ...)            teacher / student
   ``small_cnn``        SmallCNN(num_classes, mean, std, features, hidden)
-  ``preact_resnet18``  PreActResNet18(num_classes, mean, std, width, final_bn)
+  ``preact_resnet18``  PreActResNet18(num_classes, mean, std, width, final_bn,
+                       shortcut_from)
   ``resnet18``         ResNet18(num_classes, mean, std, width)
   ``wide_resnet``      WideResNet(depth, widen_factor, dropout, num_classes, mean, std)
   ``wrn34_10``         WideResNet with depth=34, widen_factor=10 fixed
@@ -16,6 +17,10 @@ Registry names (``get_model(name, **kwargs)``):
                        ``DMWideResNet``; Swish, CIFAR-10 mean/std by default)
   ``dm_wrn28_10``, ``dm_wrn34_10``, ``dm_wrn34_20``, ``dm_wrn70_16``,
   ``dm_wrn106_16``     DMWideResNet with depth / widen_factor fixed
+  ``dm_preact_resnet`` DMPreActResNet(depth, num_classes, mean, std, activation,
+                       padding, bn_momentum): DeepMind's PreAct ResNet-18/34
+                       (RobustBench ``DMPreActResNet``, its R18 teachers)
+  ``dm_preact_resnet18`` DMPreActResNet with depth=18
 
 Every image model also takes ``dtype`` / ``param_dtype``, expects NHWC float
 images in [0, 1] (normalised inside with ``mean`` / ``std``) and is called as
@@ -42,7 +47,7 @@ import flax.linen as nn
 from tsjax.models.cnn import SmallCNN, max_pool_2x2
 from tsjax.models.dm_wide_resnet import (CIFAR10_MEAN, CIFAR10_STD,
                                          CIFAR100_MEAN, CIFAR100_STD,
-                                         DMWideResNet)
+                                         DMPreActResNet, DMWideResNet)
 from tsjax.models.mlp import MLP, student_widths, check_student_widths
 from tsjax.models.mobilenet import MobileNetV2
 from tsjax.models.resnet import PreActResNet18, ResNet18
@@ -80,15 +85,23 @@ REGISTRY = {
     "wrn28_10": _preset(WideResNet, "wide_resnet", depth=28, widen_factor=10),
     "mobilenet_v2": MobileNetV2,
     "dm_wide_resnet": DMWideResNet,
+    "dm_preact_resnet": DMPreActResNet,
+    "dm_preact_resnet18": _preset(DMPreActResNet, "dm_preact_resnet", depth=18),
     **{f"dm_wrn{d}_{k}": _preset(DMWideResNet, "dm_wide_resnet", depth=d,
                                  widen_factor=k)
        for d, k in ((28, 10), (34, 10), (34, 20), (70, 16), (106, 16))},
 }
 
 
+def model_class(name: str) -> type:
+  """The Flax module class a registry name builds (presets included)."""
+  entry = REGISTRY[name]
+  return getattr(entry, "model_class", entry)
+
+
 def _options(name: str) -> list[str]:
   entry = REGISTRY[name]
-  cls = getattr(entry, "model_class", entry)
+  cls = model_class(name)
   fixed = getattr(entry, "fixed", {})
   return [f.name for f in dataclasses.fields(cls)
           if f.init and f.name not in ("parent", "name") and f.name not in fixed]
@@ -144,8 +157,9 @@ def check_input_shape(model: str | nn.Module, shape: Sequence[int],
 
 __all__ = [
     "MLP", "SmallCNN", "PreActResNet18", "ResNet18", "WideResNet",
-    "MobileNetV2", "DMWideResNet", "CIFAR10_MEAN", "CIFAR10_STD",
-    "CIFAR100_MEAN", "CIFAR100_STD", "REGISTRY", "get_model", "check_input_shape",
+    "MobileNetV2", "DMWideResNet", "DMPreActResNet", "CIFAR10_MEAN", "CIFAR10_STD",
+    "CIFAR100_MEAN", "CIFAR100_STD", "REGISTRY", "get_model", "model_class",
+    "check_input_shape",
     "max_pool_2x2", "student_widths", "check_student_widths",
     "compute_sha256", "load_torch_state_dict", "save_state_dict_npz",
     "convert_state_dict", "convert_torch_checkpoint",

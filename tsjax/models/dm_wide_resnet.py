@@ -234,3 +234,115 @@ class DMWideResNet(nn.Module):
     if return_hidden:
       return logits, tuple(hiddens)
     return logits
+
+
+class DMPreActBlock(nn.Module):
+  """DeepMind's pre-activation ResNet block (RobustBench
+  ``dm_wide_resnet.py`` ``_PreActBlock``): ``a = act(bn1(x))``, ``out =
+  conv2(act(bn2(conv1(pad(a)))))`` plus, where the stride or the width
+  changes, a **3x3** ``shortcut_conv(pad(x))`` from the block's raw input
+  (else ``x``); ``pad`` is DM's 1 on every side at stride 1, (0, 1) along H
+  and W at stride 2. Returns ``(out, a)``."""
+  features: int
+  stride: int = 1
+  activation: str = "swish"
+  bn_momentum: float = 0.99
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    act = ACTIVATIONS[self.activation]
+    pad = ((1, 1), (1, 1)) if self.stride == 1 else ((0, 1), (0, 1))
+    a = act(_bn(train, self.bn_momentum, name="bn1", **kw)(x))
+    strided = lambda name: nn.Conv(
+        self.features, (3, 3), strides=(self.stride, self.stride),
+        padding=pad, use_bias=False, kernel_init=conv_init, name=name, **kw)
+    out = strided("conv1")(a)
+    out = act(_bn(train, self.bn_momentum, name="bn2", **kw)(out))
+    out = conv(self.features, 3, 1, name="conv2", **kw)(out)
+    has_shortcut = self.stride != 1 or x.shape[-1] != self.features
+    return out + (strided("shortcut_conv")(x) if has_shortcut else x), a
+
+
+class DMPreActResNet(nn.Module):
+  """DeepMind's pre-activation ResNet-18 / -34 (RobustBench
+  ``DMPreActResNet``, robustbench/model_zoo/architectures/
+  dm_wide_resnet.py:197-300; the R18 teachers of Rebuffi2021Fixing_R18_*,
+  Gowal2021Improving_R18_*, Rade2021Helper_R18_*, model_zoo/cifar10.py):
+  3x3 stem conv 64 (no BN), stages of ``DMPreActBlock`` s with widths
+  64/128/256/512 and strides 1/2/2/2 (2/2/2/2 blocks for depth 18, 3/4/6/3
+  for 34), final BN-activation, global average pool (DM's ``avg_pool2d(out,
+  4)`` on 32x32 inputs), linear. ``mean`` / ``std``: DM's CIFAR-10 values by
+  default; in RobustBench they are buffers with ``persistent=False``, never
+  in a checkpoint, so a converted teacher must be told them
+  (``teacher.mean`` / ``teacher.std`` or a RobustBench entry name).
+
+  Parameter paths: ``stem_conv``, ``layer{s}_{i}/{bn1,conv1,bn2,conv2,
+  shortcut_conv}``, ``final_bn``, ``fc`` (RobustBench keys ``conv_2d``,
+  ``layer_{s-1}.{i}.{batchnorm_0,conv_2d_1,batchnorm_1,conv_2d_2,
+  shortcut}``, ``batchnorm``, ``logits``). ``return_hidden`` as for
+  ``PreActResNet18``. Input: NHWC, H + 2p and W + 2p multiples of 8.
+  """
+  depth: int = 18
+  num_classes: int = 10
+  mean: Sequence[float] = CIFAR10_MEAN
+  std: Sequence[float] = CIFAR10_STD
+  activation: str = "swish"
+  padding: int = 0
+  bn_momentum: float = 0.99
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+
+  def __post_init__(self):
+    check_norm("DMPreActResNet", self.mean, self.std)
+    if self.depth not in self.BLOCKS:
+      raise ValueError(f"DMPreActResNet depth must be one of "
+                       f"{sorted(self.BLOCKS)}, got {self.depth!r}")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"DMPreActResNet activation must be one of "
+                       f"{sorted(ACTIVATIONS)}, got {self.activation!r}")
+    if int(self.padding) != self.padding or self.padding < 0:
+      raise ValueError(f"DMPreActResNet padding must be an integer >= 0, "
+                       f"got {self.padding!r}")
+    super().__post_init__()
+
+  @nn.nowrap
+  def check_input_shape(self, shape, batched: bool = False) -> None:
+    shape = tuple(int(s) for s in shape)
+    p = int(self.padding)
+    if p and len(shape) in (3, 4):
+      shape = shape[:-3] + (shape[-3] + 2 * p, shape[-2] + 2 * p, shape[-1])
+    check_image_shape(f"DMPreActResNet-{self.depth}", shape, multiple=8,
+                      min_size=8, mean=self.mean, std=self.std,
+                      batched=batched, example="32x32x3")
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, return_hidden: bool = False):
+    self.check_input_shape(x.shape, batched=True)
+    p = int(self.padding)
+    if p:
+      x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    x = prepare_images(x, self.mean, self.std)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = conv(64, 3, 1, name="stem_conv", **kw)(x)
+    hiddens = []
+    for s, (n, stride) in enumerate(zip(self.BLOCKS[self.depth], (1, 2, 2, 2))):
+      for i in range(n):
+        x, a = DMPreActBlock(64 * 2 ** s, stride if i == 0 else 1,
+                             self.activation, self.bn_momentum,
+                             name=f"layer{s + 1}_{i}", **kw)(x, train)
+        if s > 0 and i == 0:
+          hiddens.append(a)
+    act = ACTIVATIONS[self.activation]
+    x = act(_bn(train, self.bn_momentum, name="final_bn", **kw)(x))
+    hiddens.append(x)
+    x = global_avg_pool(x)
+    hiddens.append(x)
+    logits = nn.Dense(self.num_classes, name="fc", **kw)(x)
+    if return_hidden:
+      return logits, tuple(hiddens)
+    return logits

@@ -19,7 +19,14 @@ Rice et al. 2020 / kuangliu ``preact_resnet.py``): stem 3x3 conv 64, stages of
 BN-ReLU (``final_bn``; Rice et al.'s ``self.bn``), global average pool, linear. A PreActBlock computes
 ``a = relu(bn1(x)); out = conv2(relu(bn2(conv1(a)))) + shortcut`` where the
 shortcut is ``shortcut_conv(a)`` (1x1, stride) when the shape changes and ``x``
-otherwise. 11,172,170 parameters for 10 classes; ``final_bn=False`` drops the
+otherwise (``shortcut_from="preact"``, the default: Rice et al.'s and
+kuangliu's ``preact_resnet.py``, RobustBench's ``PreActBlockV2``), or
+``shortcut_conv(x)`` from the block's raw input (``shortcut_from="input"``:
+RobustBench's ``PreActBlock``, robustbench/model_zoo/architectures/
+resnet.py:121-144 with its default ``out_shortcut=False``). The parameter
+names are the same, so a checkpoint converts either way and only the right
+choice computes its logits (``tsjax.models.torch_convert.ROBUSTBENCH`` picks
+it by entry name). 11,172,170 parameters for 10 classes; ``final_bn=False`` drops the
 final BN-ReLU (kuangliu's ``preact_resnet.py``: 11,171,146 parameters).
 
 ``ResNet18`` (kuangliu ``resnet.py``, used by the PeerAiD / RSLAD codes): stem
@@ -94,10 +101,16 @@ def global_avg_pool(x: jnp.ndarray) -> jnp.ndarray:
   return jnp.mean(x, axis=(1, 2))
 
 
+SHORTCUT_FROM = ("preact", "input")
+
+
 class PreActBlock(nn.Module):
-  """Pre-activation basic block; returns ``(out, relu(bn1(x)))``."""
+  """Pre-activation basic block; returns ``(out, relu(bn1(x)))``. The 1x1
+  shortcut reads ``relu(bn1(x))`` (``shortcut_from="preact"``) or ``x``
+  (``"input"``)."""
   features: int
   stride: int = 1
+  shortcut_from: str = "preact"
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -107,7 +120,7 @@ class PreActBlock(nn.Module):
     a = nn.relu(batch_norm(train, name="bn1", **kw)(x))
     if self.stride != 1 or x.shape[-1] != self.features:
       shortcut = conv(self.features, 1, self.stride, name="shortcut_conv",
-                      **kw)(a)
+                      **kw)(a if self.shortcut_from == "preact" else x)
     else:
       shortcut = x
     out = conv(self.features, 3, self.stride, name="conv1", **kw)(a)
@@ -176,6 +189,13 @@ class PreActResNet18(_CifarResNet18Base):
   output, 11,171,146 parameters (10 classes).
   """
   final_bn: bool = True
+  shortcut_from: str = "preact"   # or "input" (RobustBench's PreActBlock)
+
+  def __post_init__(self):
+    if self.shortcut_from not in SHORTCUT_FROM:
+      raise ValueError(f"PreActResNet18: shortcut_from must be one of "
+                       f"{SHORTCUT_FROM}, got {self.shortcut_from!r}")
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_hidden: bool = False):
@@ -187,7 +207,8 @@ class PreActResNet18(_CifarResNet18Base):
     for s, (n, stride) in enumerate(zip(_BLOCKS, _STRIDES)):
       for i in range(n):
         x, a = PreActBlock(self.width * 2 ** s, stride if i == 0 else 1,
-                           name=f"layer{s + 1}_{i}", **kw)(x, train)
+                           self.shortcut_from, name=f"layer{s + 1}_{i}",
+                           **kw)(x, train)
         if s > 0 and i == 0:
           hiddens.append(a)  # post-activation of the previous stage's output
     if self.final_bn:

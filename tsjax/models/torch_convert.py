@@ -14,9 +14,20 @@ the PyTorch key names they expect (``s`` = 1..4, ``g`` = 1..3, ``i`` = block):
                                  RobustBench ``ResNet18``)
   ``preact_resnet18``            conv1, layer{s}.{i}.{bn1,conv1,bn2,conv2},
     PreActResNet18               layer{s}.0.shortcut.0, bn (``final_bn=True``,
-                                 the default: Rice et al. / RobustBench
-                                 ``PreActResNet18``; ``final_bn=False`` for
-                                 kuangliu's ``preact_resnet.py``), linear
+                                 the default: Rice et al.; ``final_bn=False``
+                                 for kuangliu's ``preact_resnet.py`` and
+                                 RobustBench's ``bn_before_fc=False``), linear.
+                                 ``shortcut_from="input"``: RobustBench's
+                                 ``PreActBlock`` (1x1 shortcut from the raw
+                                 block input; same key names, so only the
+                                 option tells them apart); ``"preact"``
+                                 (default): kuangliu, ``PreActBlockV2``
+  ``dm_preact_resnet18``,        conv_2d, layer_{s-1}.{i}.{batchnorm_0,
+    ``dm_preact_resnet``         conv_2d_1, batchnorm_1, conv_2d_2},
+    DMPreActResNet               layer_{s-1}.0.shortcut (where the shape
+                                 changes), batchnorm, logits (RobustBench
+                                 ``DMPreActResNet``: Rebuffi et al. 2021 R18s;
+                                 no mean / std in the state_dict)
   ``wrn34_10``, ``wrn28_10``,    conv1, block{g}.layer.{i}.{bn1,conv1,bn2,conv2},
     ``wide_resnet`` WideResNet   block{g}.layer.0.convShortcut, bn1, fc
                                  (TRADES / RobustBench ``WideResNet``; TRADES'
@@ -40,6 +51,10 @@ which needs the input's height and width (``input_shape``; inferred from
 The tsjax batch norms use PyTorch's epsilon (1e-5), so eval-mode outputs agree
 to float32 rounding (momentum only matters in training: 0.9 = PyTorch's 0.1,
 DMWideResNet 0.99 = DM's training decay).
+
+``ROBUSTBENCH`` maps RobustBench CIFAR-10 entry names to the registry name and
+options (block variant, ``final_bn``, normalisation); ``robustbench_model``
+looks one up (``teacher.robustbench`` in the training configs).
 
 DeepMind's WideResNet keeps its normalisation in the state_dict as buffers
 ``mean`` / ``std``. They are optional (some RobustBench files lack them) but,
@@ -92,12 +107,62 @@ import jax.numpy as jnp
 import numpy as np
 
 from tsjax.models.cnn import SmallCNN
-from tsjax.models.dm_wide_resnet import DMWideResNet
+from tsjax.models.dm_wide_resnet import (CIFAR10_MEAN, CIFAR10_STD,
+                                         DMPreActResNet, DMWideResNet)
 from tsjax.models.resnet import PreActResNet18, ResNet18
 from tsjax.models.wide_resnet import WideResNet
 
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net")
-SUPPORTED = (ResNet18, PreActResNet18, WideResNet, DMWideResNet, SmallCNN)
+SUPPORTED = (ResNet18, PreActResNet18, WideResNet, DMWideResNet,
+             DMPreActResNet, SmallCNN)
+# DeepMind's models: their normalisation is part of the model, and a
+# checkpoint may lack it (DMPreActResNet's buffers are never saved).
+DM_MODELS = (DMWideResNet, DMPreActResNet)
+
+# RobustBench CIFAR-10 entries (robustbench/model_zoo/cifar10.py) whose
+# architecture tsjax builds: entry name -> (registry name, model kwargs).
+# The PreAct ResNet-18s differ only where the key names cannot tell:
+# PreActBlock takes its shortcut from the raw input (resnet.py:121-144),
+# PreActBlockV2 from relu(bn1(x)) (resnet.py:147-169); bn_before_fc
+# (resnet.py:200-230, False by default) is tsjax's final_bn.
+_RB_MU_SIGMA = dict(mean=CIFAR10_MEAN, std=CIFAR10_STD)   # their mu / sigma
+_DM_R18 = ("dm_preact_resnet18", dict(activation="swish", mean=CIFAR10_MEAN,
+                                      std=CIFAR10_STD))
+ROBUSTBENCH = {
+    # cifar10.py:405-407: PreActResNet(PreActBlock, [2, 2, 2, 2]), [0, 1] inputs
+    "Andriushchenko2020Understanding": ("preact_resnet18", dict(
+        shortcut_from="input", final_bn=False, mean=(0.0,), std=(1.0,))),
+    # cifar10.py:137-151, 464-466: PreActBlock, mu / sigma buffers
+    "Wong2020Fast": ("preact_resnet18", dict(
+        shortcut_from="input", final_bn=False, **_RB_MU_SIGMA)),
+    # cifar10.py:216-230, 954-956 (L2): PreActBlockV2, bn_before_fc=True
+    "Rice2020Overfitting_L2": ("preact_resnet18", dict(
+        shortcut_from="preact", final_bn=True, **_RB_MU_SIGMA)),
+    # cifar10.py:252-266: PreActBlockV2, bn_before_fc=True (corruptions)
+    "Kireev2021Effectiveness": ("preact_resnet18", dict(
+        shortcut_from="preact", final_bn=True, **_RB_MU_SIGMA)),
+    # cifar10.py:634-742, 1045-1066: DMPreActResNet(depth=18, Swish,
+    # CIFAR10_MEAN / CIFAR10_STD)
+    **{name: _DM_R18 for name in (
+        "Rebuffi2021Fixing_R18_ddpm", "Rebuffi2021Fixing_R18_cutmix_ddpm",
+        "Rade2021Helper_R18_extra", "Rade2021Helper_R18_ddpm",
+        "Gowal2021Improving_R18_ddpm_100m")},
+}
+# Buffers of RobustBench's normalising subclasses (mu / sigma, [1, C, 1, 1]).
+ROBUSTBENCH_IGNORE = {"Wong2020Fast": ("mu", "sigma"),
+                      "Rice2020Overfitting_L2": ("mu", "sigma"),
+                      "Kireev2021Effectiveness": ("mu", "sigma")}
+
+
+def robustbench_model(entry: str) -> tuple[str, dict, tuple]:
+  """``(registry name, model kwargs, keys to ignore)`` of a RobustBench
+  CIFAR-10 entry; a ValueError lists the known entries."""
+  if entry not in ROBUSTBENCH:
+    raise ValueError(f"no tsjax architecture is known for the RobustBench "
+                     f"entry {entry!r}; known: {sorted(ROBUSTBENCH)} (or give "
+                     f"the model name and kwargs yourself)")
+  name, kwargs = ROBUSTBENCH[entry]
+  return name, dict(kwargs), ROBUSTBENCH_IGNORE.get(entry, ())
 # DMWideResNet's normalisation buffers: optional, checked against the model.
 NORM_BUFFERS = ("mean", "std")
 _MAX_LISTED = 25
@@ -264,6 +329,15 @@ def _torch_prefix(model: nn.Module, path: tuple[str, ...]) -> str:
     if len(path) == 2 and m:
       sub = {"shortcut_conv": "convShortcut"}.get(path[1], path[1])
       return f"block{m[1]}.layer.{m[2]}.{sub}"
+  elif isinstance(model, DMPreActResNet):
+    top = {"stem_conv": "conv_2d", "final_bn": "batchnorm", "fc": "logits"}
+    if len(path) == 1 and path[0] in top:
+      return top[path[0]]
+    m = re.fullmatch(r"layer(\d+)_(\d+)", path[0])
+    sub = {"bn1": "batchnorm_0", "conv1": "conv_2d_1", "bn2": "batchnorm_1",
+           "conv2": "conv_2d_2", "shortcut_conv": "shortcut"}
+    if len(path) == 2 and m and path[1] in sub:
+      return f"layer_{int(m[1]) - 1}.{m[2]}.{sub[path[1]]}"
   elif isinstance(model, DMWideResNet):
     top = {"stem_conv": "init_conv", "final_bn": "batchnorm", "fc": "logits"}
     if len(path) == 1 and path[0] in top:
@@ -280,7 +354,8 @@ def _torch_prefix(model: nn.Module, path: tuple[str, ...]) -> str:
 def _describe(model: nn.Module, name: str | None = None) -> str:
   fields = {
       ResNet18: ("num_classes", "width"),
-      PreActResNet18: ("num_classes", "width", "final_bn"),
+      PreActResNet18: ("num_classes", "width", "final_bn", "shortcut_from"),
+      DMPreActResNet: ("depth", "num_classes", "activation"),
       WideResNet: ("depth", "widen_factor", "num_classes"),
       DMWideResNet: ("depth", "widen_factor", "num_classes", "activation"),
       SmallCNN: ("num_classes", "features", "hidden"),
@@ -311,7 +386,8 @@ def _check_supported(model: nn.Module, name: str | None) -> None:
         f"no PyTorch converter for {name or type(model).__name__}; supported: "
         f"'resnet18', 'preact_resnet18', 'wrn34_10' / 'wrn28_10' / "
         f"'wide_resnet', 'dm_wrn28_10' / 'dm_wrn70_16' / ... / "
-        f"'dm_wide_resnet', 'small_cnn'")
+        f"'dm_wide_resnet', 'dm_preact_resnet18' / 'dm_preact_resnet', "
+        f"'small_cnn'")
 
 
 def _input_shape(model: nn.Module, input_shape, state_dict=None):
@@ -490,7 +566,7 @@ def _hints(model: nn.Module, name: str | None, sd: dict, missing: set,
   return hints
 
 
-def _buffer_values(value: np.ndarray) -> tuple[float, ...]:
+def buffer_values(value: np.ndarray) -> tuple[float, ...]:
   """A ``[C, 1, 1]`` buffer as floats, each the shortest decimal that rounds
   to the stored float32 (``0.4914``, not ``0.49140000343...``)."""
   flat = np.asarray(value).reshape(-1)
@@ -512,7 +588,7 @@ def _check_norm_buffers(model: nn.Module, name: str | None,
         got, np.broadcast_to(want, got.shape), rtol=1e-6, atol=0.0):
       bad.append(key)
   if bad:
-    found = ", ".join(f"{k}={_buffer_values(norm[k])}" for k in NORM_BUFFERS
+    found = ", ".join(f"{k}={buffer_values(norm[k])}" for k in NORM_BUFFERS
                       if k in norm)
     raise ValueError(
         f"the state_dict's normalisation buffers ({found}) differ from the "
@@ -651,7 +727,7 @@ def convert_torch_checkpoint(path: str | os.PathLike, model: str | nn.Module,
   if (isinstance(model, str) and isinstance(module, DMWideResNet)
       and not set(NORM_BUFFERS) & set(model_kwargs)
       and all(k in sd and k not in ignore for k in NORM_BUFFERS)):
-    model_kwargs = dict(model_kwargs, **{k: _buffer_values(sd[k])
+    model_kwargs = dict(model_kwargs, **{k: buffer_values(sd[k])
                                          for k in NORM_BUFFERS})
     module, _ = _build_model(model, model_kwargs)
   params, state = convert_state_dict(
@@ -663,5 +739,6 @@ def convert_torch_checkpoint(path: str | os.PathLike, model: str | nn.Module,
 __all__ = [
     "compute_sha256", "verify_sha256", "load_torch_state_dict",
     "save_state_dict_npz", "convert_state_dict", "convert_torch_checkpoint",
-    "torch_state_dict_shapes",
+    "torch_state_dict_shapes", "robustbench_model", "buffer_values",
+    "ROBUSTBENCH", "DM_MODELS",
 ]

@@ -100,14 +100,74 @@ def load_run(run_dir: str, which: str = "best"):
   return model, params, ms, cfg
 
 
+def _teacher_norm(tcfg, model_cls, sd, student_mean, student_std,
+                  entry_kwargs: dict):
+  """The teacher's ``(mean, std)``: ``teacher.mean`` / ``teacher.std`` when
+  given; else a RobustBench entry's; else a DeepMind model's checkpoint
+  buffers; else the student's normalisation. A DeepMind model without any of
+  these is refused: its normalisation is part of the network, and guessing it
+  from the student's ``normalize`` computes wrong logits without an error."""
+  mean, std = tcfg.get("mean"), tcfg.get("std")
+  if (mean is None) != (std is None):
+    raise cc.ConfigError("set both config fields 'teacher.mean' and "
+                         f"'teacher.std' or neither; got mean={mean!r}, "
+                         f"std={std!r}")
+  if mean is not None:
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+  if "mean" in entry_kwargs:
+    return entry_kwargs["mean"], entry_kwargs["std"]
+  if issubclass(model_cls, torch_convert.DM_MODELS):
+    if all(k in sd for k in torch_convert.NORM_BUFFERS):
+      return tuple(torch_convert.buffer_values(sd[k])
+                   for k in torch_convert.NORM_BUFFERS)
+    raise cc.ConfigError(
+        f"config fields 'teacher.mean' / 'teacher.std': the DeepMind model "
+        f"{tcfg.model.name!r} normalises inside the network and this "
+        f"checkpoint has no mean / std buffers; give the values it was "
+        f"trained with (CIFAR-10: "
+        f"--config.teacher.mean='{models.CIFAR10_MEAN}' "
+        f"--config.teacher.std='{models.CIFAR10_STD}'), or name its "
+        f"RobustBench entry in 'teacher.robustbench'")
+  return tuple(student_mean), tuple(student_std)
+
+
+def _torch_teacher(tcfg, *, num_classes: int, mean, std, input_shape):
+  """A teacher converted from a PyTorch state_dict (see ``load_teacher``)."""
+  entry = tcfg.get("robustbench")
+  if entry:
+    try:
+      name, kwargs, ignore = torch_convert.robustbench_model(entry)
+    except ValueError as e:
+      raise cc.ConfigError(f"config field 'teacher.robustbench': {e}") from None
+  else:
+    name, ignore = cc.get_field(tcfg, "model.name"), ()
+    if name not in models.REGISTRY:
+      raise cc.ConfigError(f"config field 'teacher.model.name' must be one of "
+                           f"{sorted(models.REGISTRY)}, got {name!r}")
+    kwargs = tcfg.model.kwargs.to_dict()
+  entry_norm = {k: kwargs.pop(k) for k in ("mean", "std") if k in kwargs}
+  sd = torch_convert.load_torch_state_dict(tcfg.torch_checkpoint,
+                                           sha256=tcfg.get("sha256") or None)
+  t_mean, t_std = _teacher_norm(tcfg, models.model_class(name), sd, mean, std,
+                                entry_norm)
+  model = models.get_model(name, num_classes=num_classes, mean=t_mean,
+                           std=t_std, **kwargs)
+  params, ms = torch_convert.convert_state_dict(
+      sd, model, input_shape=input_shape, ignore=ignore)
+  return model, params, ms
+
+
 def load_teacher(tcfg, *, num_classes: int, mean, std, input_shape=None):
   """``(model, params, model_state)`` of a frozen teacher from a ``teacher``
   config block: ``checkpoint`` (a tsjax work dir, with ``which``) or
   ``torch_checkpoint`` (a PyTorch state_dict file, ``.pt``/``.pth``/``.npz``;
-  ``model.name`` / ``model.kwargs`` name the architecture, ``sha256`` the
-  expected file checksum; ``input_shape`` (H, W, C) the data's)."""
-  from tsjax import models
-
+  ``sha256`` the expected file checksum; ``input_shape`` (H, W, C) the
+  data's). A PyTorch teacher's architecture is ``robustbench`` (a RobustBench
+  CIFAR-10 entry name, ``torch_convert.ROBUSTBENCH``: picks the model, its
+  block variant and normalisation; ``model`` is then not read) or
+  ``model.name`` / ``model.kwargs``; its
+  input normalisation ``mean`` / ``std`` when given, else the entry's, else
+  a DeepMind checkpoint's buffers, else the student's ``mean`` / ``std``."""
   ckpt = tcfg.get("checkpoint")
   torch_ckpt = tcfg.get("torch_checkpoint")
   if bool(ckpt) == bool(torch_ckpt):
@@ -117,22 +177,21 @@ def load_teacher(tcfg, *, num_classes: int, mean, std, input_shape=None):
                          f"(a PyTorch state_dict); got {ckpt!r} and "
                          f"{torch_ckpt!r}")
   if ckpt:
+    for field in ("robustbench", "mean", "std"):
+      if tcfg.get(field) is not None:
+        raise cc.ConfigError(
+            f"config field 'teacher.{field}' applies to a PyTorch teacher "
+            f"('teacher.torch_checkpoint'); a tsjax work dir records its "
+            f"own architecture and normalisation: leave it None")
     if not os.path.isdir(ckpt):
       raise FileNotFoundError(f"config field 'teacher.checkpoint': no such "
                               f"directory {ckpt!r}")
     model, params, ms, cfg = load_run(ckpt, tcfg.get("which", "best"))
     t_classes = model.num_classes
   else:
-    name = cc.get_field(tcfg, "model.name")
-    if name not in models.REGISTRY:
-      raise cc.ConfigError(f"config field 'teacher.model.name' must be one of "
-                           f"{sorted(models.REGISTRY)}, got {name!r}")
-    model = models.get_model(name, num_classes=num_classes, mean=mean, std=std,
-                             **tcfg.model.kwargs.to_dict())
-    sd = torch_convert.load_torch_state_dict(torch_ckpt,
-                                             sha256=tcfg.get("sha256") or None)
-    params, ms = torch_convert.convert_state_dict(sd, model,
-                                                  input_shape=input_shape)
+    model, params, ms = _torch_teacher(tcfg, num_classes=num_classes,
+                                       mean=mean, std=std,
+                                       input_shape=input_shape)
     t_classes = num_classes
   if t_classes != num_classes:
     raise ValueError(f"the teacher has {t_classes} classes but the data set "
