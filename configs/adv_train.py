@@ -38,7 +38,7 @@ import dataclasses
 
 import ml_collections
 
-from tsjax import methods
+from tsjax import methods, models
 from tsjax.attacks import AttackSpec
 
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "tiny_imagenet")
@@ -452,4 +452,15 @@ def get_config(arg: str = "fashion_mnist,pgd_at",
     c.offsubspace = offsubspace_section(c)
   if smoke:
     _smoke(c, dataset)
+  for section in (c.model, c.teacher.model):
+    complete_model_kwargs(section)
   return c
+
+
+def complete_model_kwargs(section) -> None:
+  """Lists every architecture option of ``section.name`` in
+  ``section.kwargs`` (the variant's values kept, the rest at the model's
+  defaults), so each one is in config.json and overridable from the command
+  line: ``--config.model.kwargs.features=16,32``."""
+  section.kwargs = ml_collections.ConfigDict(
+      {**models.default_options(section.name), **section.kwargs.to_dict()})

@@ -16,15 +16,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.FieldReference(None, field_type=str)
   c.which = "best"            # "best" (validation-selected) or "last"
   c.seed = 0
-  c.subset = 0                # > 0: first N test examples only
+  # The first N test examples only (None: all of them).
+  c.subset = ml_collections.FieldReference(None, field_type=int)
   c.batch_size = 500
   c.norm = "linf"
-  c.eps = -1.0                # < 0: the eps of the training config's eval
+  # None: the eps of the training config's eval section; a fraction such as
+  # 8/255 parses on the command line.
+  c.eps = ml_collections.FieldReference(None, field_type=float)
   c.pgd_steps = 20
   c.cw_steps = 30
   c.autoattack = True
   c.aa_version = "standard"   # "standard", "plus" or "rand"
-  c.aa_subset = 0             # > 0: AutoAttack on the first N examples only
+  # AutoAttack on the first N examples only (None: every evaluated example).
+  c.aa_subset = ml_collections.FieldReference(None, field_type=int)
   if arg == "smoke":
     c.subset = 64
     c.batch_size = 32

@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tsjax.configs import adv_train
-from experiments import common, train
+from . import common, train
 
 FLAGS = flags.FLAGS
 

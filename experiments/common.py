@@ -5,18 +5,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import re
+import subprocess
 import sys
 import time
 from typing import Any
 
 import jax
+import jaxlib
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
+from ml_collections.config_flags import tuple_parser
 
+import tsjax
+from tsjax import configs as packaged_configs
 from tsjax.config_checks import ConfigError
+from tsjax.data.images import DatasetNotPreparedError
 from tsjax.xla_cpu import use_unrolled_threefry
 
 
@@ -86,12 +93,46 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
       old = json.load(f)
     diffs = _diff(_run_fields(old), _run_fields(new))
     if diffs:
-      raise ValueError(
+      raise ConfigError(
           f"work dir {workdir!r} holds a run made with a different config "
           f"({'; '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}); pass "
           f"another --workdir or delete that directory to start afresh")
   elif main:
     atomic_write(path, json.dumps(new, indent=2, sort_keys=True))
+  if main:   # one row per start: what ran this work dir, and when
+    append_line(os.path.join(workdir, "provenance.jsonl"),
+                json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                            **provenance()}, sort_keys=True))
+
+
+def _git_commit() -> str | None:
+  """The commit of the tsjax checkout in use (``+dirty`` with uncommitted
+  changes); None for an installed copy outside a git checkout."""
+  pkg = os.path.dirname(os.path.abspath(tsjax.__file__))
+  try:
+    git = lambda *a: subprocess.run(
+        ["git", "-C", pkg, *a], capture_output=True, text=True, timeout=10,
+        check=True).stdout.strip()
+    top = git("rev-parse", "--show-toplevel")
+    if not os.path.samefile(os.path.join(top, "tsjax"), pkg):
+      return None          # some other repository holds the installed copy
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return commit + ("+dirty" if dirty else "")
+
+
+def provenance() -> dict:
+  """What made a result: tsjax's version and git commit, JAX / jaxlib, the
+  backend and its devices, the process count, Python."""
+  kinds = sorted({d.device_kind for d in jax.devices()})
+  return {"tsjax": tsjax.__version__, "git_commit": _git_commit(),
+          "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "backend": jax.default_backend(), "device_kind": ", ".join(kinds),
+          "device_count": jax.device_count(),
+          "process_count": jax.process_count(),
+          "python": platform.python_version()}
 
 
 def atomic_write(path: str, text: str | bytes) -> None:
@@ -99,6 +140,16 @@ def atomic_write(path: str, text: str | bytes) -> None:
   with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
     f.write(text)
   os.replace(tmp, path)
+
+
+def append_line(path: str, line: str) -> None:
+  """Appends one line, rewriting the file atomically (a killed writer leaves
+  the old file or the new one, never half a line)."""
+  old = ""
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+  atomic_write(path, old + line.rstrip("\n") + "\n")
 
 
 def to_jsonable(x):
@@ -137,15 +188,142 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> list:
   return missing
 
 
+class FractionFloatParser(flags.FloatParser):
+  """Float config fields from the command line, fractions included:
+  ``--config.eval.eps=8/255`` is 0.0313725... (eps in pixel units)."""
+
+  _FRACTION = re.compile(r"\s*([-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?)\s*/\s*"
+                         r"([0-9.]+(?:[eE][-+]?[0-9]+)?)\s*")
+
+  def parse(self, argument):
+    m = (self._FRACTION.fullmatch(argument) if isinstance(argument, str)
+         else None)
+    if m:
+      den = float(m[2])
+      if den == 0:
+        raise ValueError(f"{argument!r}: division by zero")
+      argument = float(m[1]) / den
+    return super().parse(argument)
+
+
+class CommaTupleParser(tuple_parser.TupleParser):
+  """Tuple config fields from the command line: a Python literal
+  (``"('standard', 'kd')"``, ``(16,32)``) or bare comma-separated words
+  (``standard,kd``), which the default parser reads as one string."""
+
+  def parse(self, argument):
+    value = super().parse(argument)
+    if (isinstance(argument, str) and len(value) == 1
+        and isinstance(value[0], str) and "," in value[0]):
+      return tuple(v.strip() for v in value[0].split(",") if v.strip())
+    return value
+
+
+def register_config_parsers() -> None:
+  config_flags.register_flag_parser_for_type(float, FractionFloatParser())
+  config_flags.register_flag_parser_for_type(tuple, CommaTupleParser())
+
+
+def resolve_config_path(spec: str) -> str:
+  """``configs/NAME.py[:variant]`` as given, when that file is there (a
+  clone); else the installed ``tsjax.configs`` file of that name, so an
+  experiment launches from any directory after ``pip install``."""
+  path, sep, variant = spec.partition(":")
+  if os.path.exists(path) or os.path.dirname(path) not in ("configs",
+                                                            "./configs"):
+    return spec
+  name = os.path.splitext(os.path.basename(path))[0]
+  if name not in packaged_configs.NAMES:
+    return spec
+  return packaged_configs.path(name) + sep + variant
+
+
+def _resolve_config_argv(argv: list[str]) -> list[str]:
+  out = list(argv)
+  for i, a in enumerate(out):
+    if a.startswith("--config="):
+      out[i] = "--config=" + resolve_config_path(a.split("=", 1)[1])
+    elif a == "--config" and i + 1 < len(out):
+      out[i + 1] = resolve_config_path(out[i + 1])
+  return out
+
+
+def _one_line(text: str) -> str:
+  return " ".join(str(text).replace("\\n", " ").split())
+
+
+def _fail(message: str) -> None:
+  print(message, file=sys.stderr)
+  sys.exit(2)
+
+
+def _override_named(text: str, argv) -> str | None:
+  """The ``--config.PATH`` override of ``argv`` whose last field ``text``
+  (an ml_collections message) names."""
+  for a in argv:
+    if a.startswith("--config."):
+      path = a[len("--config."):].split("=", 1)[0]
+      if re.search(rf"\b{re.escape(path.split('.')[-1])}\b", text):
+        return path
+  return None
+
+
+def _flags_error(e: BaseException, argv) -> str:
+  """One line for a command line that did not parse: an unknown override
+  field, a config file that does not load, a variant it refuses, a value of
+  the wrong type."""
+  chain = [e]
+  while chain[-1].__cause__ or chain[-1].__context__:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  texts = [_one_line(c).strip("'\"") for c in chain]
+  hint = next((m for m in (re.search(r'Did you mean "?([\w.]+)"? instead', t)
+                           for t in texts) if m), None)
+  if hint or any(isinstance(c, (AttributeError, KeyError)) for c in chain):
+    path = _override_named(" ".join(texts), argv)
+    return (f"config error: --config.{path or '?'}: no such config field"
+            + (f" (did you mean {hint[1]!r}?)" if hint else ""))
+  loading = next((c for c in chain if isinstance(c, OSError)), None)
+  if loading is not None:   # the config file (or something it reads)
+    return f"config error: {_one_line(loading)}"
+  variant = next((c for c in reversed(chain) if isinstance(c, ValueError)
+                  and not isinstance(c, flags.Error)), None)
+  if variant is not None and "variant" in str(variant):
+    return f"config error: {_one_line(variant)}"
+  return f"config error: {texts[0]}"
+
+
+def parse_flags_one_line(argv):
+  """absl's flag parsing (``app.run``'s ``flags_parser``) whose failures end
+  in one line and exit status 2, no traceback or usage text; positional
+  arguments are refused the same way."""
+  try:
+    rest = flags.FLAGS(argv)
+    if "config" in flags.FLAGS:
+      flags.FLAGS.config.keys()   # a config file that failed to load raises
+  except Exception as e:     # flags.Error, and what loading the config raised
+    _fail(_flags_error(e, argv))
+  if len(rest) > 1:
+    _fail(f"usage error: unexpected positional arguments {rest[1:]}; flags "
+          f"are --config=FILE[:VARIANT], --config.FIELD=VALUE, --workdir=DIR")
+  return rest
+
+
+# Errors of a started run that are the user's input, not tsjax's bug: one
+# line, exit status 2.
+USER_ERRORS = (ConfigError, DatasetNotPreparedError)
+
+
 def one_line_config_errors(main):
-  """``main(argv)`` that ends a ``ConfigError`` in one line naming the field
-  and exit status 2, no traceback."""
+  """``main(argv)`` that ends a ``ConfigError`` (a field, a work dir of
+  another config) or a missing data set in one line naming it and exit
+  status 2, no traceback."""
   def wrapped(argv):
     try:
       return main(argv)
-    except ConfigError as e:
-      print(f"config error: {e}", file=sys.stderr)
-      sys.exit(2)
+    except USER_ERRORS as e:
+      kind = "data error" if isinstance(e, DatasetNotPreparedError) else (
+          "config error")
+      _fail(f"{kind}: {_one_line(e)}")
   return wrapped
 
 
@@ -222,8 +400,10 @@ def launch(name: str, run, default_config: str, config_help: str,
   modules can be imported together (tests, tables). ``xla_flags`` go into
   ``XLA_FLAGS`` first (``prepare_backend``).
   """
-  config_flags.DEFINE_config_file("config", default_config, config_help,
-                                  lock_config=True)
+  register_config_parsers()
+  sys.argv = _resolve_config_argv(sys.argv)
+  config_flags.DEFINE_config_file("config", resolve_config_path(default_config),
+                                  config_help, lock_config=True)
   flags.DEFINE_string("workdir", None,
                       f"Output directory (default: runs/{name}_<variant>_"
                       "<config hash>; the same config resumes there).")
@@ -235,8 +415,7 @@ def launch(name: str, run, default_config: str, config_help: str,
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag])
 
   def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv   # positional arguments: refused by parse_flags_one_line
     logging.set_verbosity(logging.WARNING)   # Orbax logs every save at INFO
     prepare_backend(xla_flags)
     enable_compilation_cache(flags.FLAGS.compilation_cache)
@@ -248,4 +427,4 @@ def launch(name: str, run, default_config: str, config_help: str,
     run(config, workdir)
     print(f"done in {time.time() - t0:.0f} s; results in {workdir}")
 
-  app.run(one_line_config_errors(main))
+  app.run(one_line_config_errors(main), flags_parser=parse_flags_one_line)

@@ -13,8 +13,8 @@ tree come from ``tsjax.methods.REGISTRY``. ``experiments.evaluate
 --config.checkpoint=WORKDIR`` evaluates the student.
 """
 
-from experiments import common
-from experiments.train import run  # noqa: F401  (the same run)
+from . import common
+from .train import run  # noqa: F401  (the same run)
 
 if __name__ == "__main__":
   common.launch("distill", run, "configs/distill.py",

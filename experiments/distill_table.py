@@ -33,7 +33,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tsjax.configs import adv_train
-from experiments import common, train
+from . import common, train
 from tsjax import methods as registry
 
 FLAGS = flags.FLAGS

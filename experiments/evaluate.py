@@ -25,7 +25,7 @@ import time
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from experiments import common
+from . import common
 from tsjax import config_checks as cc
 from tsjax.attacks import AttackSpec
 from tsjax.attacks.autoattack import VERSIONS
@@ -60,6 +60,11 @@ def validate(config) -> None:
   cc.check_choice(config, "aa_version", tuple(VERSIONS))
   for f in ("pgd_steps", "cw_steps", "batch_size"):
     cc.check_number(config, f, low=1, integer=True)
+  for f in ("subset", "aa_subset"):
+    if config.get(f) is not None:
+      cc.check_number(config, f, low=1, integer=True)
+  if config.get("eps") is not None:
+    cc.check_eps(config, "eps", config.norm)
 
 
 def run(config, workdir: str, progress: bool = True) -> dict:
@@ -68,11 +73,12 @@ def run(config, workdir: str, progress: bool = True) -> dict:
   main = distributed.is_main_process()
   model, params, ms, tcfg, test = load_classifier(config.checkpoint,
                                                   config.which)
-  eps = float(config.eps if config.eps >= 0 else tcfg.eval.eps)
-  n = config.subset or len(test)
+  eps = float(tcfg.eval.eps if config.eps is None else config.eps)
+  n = min(config.subset or len(test), len(test))
   x, y = test.images[:n], test.labels[:n]
-  if main:
-    os.makedirs(workdir, exist_ok=True)
+  # A changed config is refused: AutoAttack's progress kept there was made
+  # with the old one.
+  common.prepare_workdir(workdir, config)
   distributed.barrier("evaluate workdir")   # AutoAttack progress goes there
   key = jax.random.key(int(config.seed))
   att = lambda steps: AttackSpec(norm=config.norm, eps=eps,
@@ -95,7 +101,7 @@ def run(config, workdir: str, progress: bool = True) -> dict:
   res["num_examples"] = r["num_examples"]
   res["seconds_pgd"] = time.time() - t0
   if config.autoattack:
-    m = config.aa_subset or n
+    m = min(config.aa_subset or n, n)
     t0 = time.time()
     aa = clf.autoattack_split(model, params, ms, x[:m], y[:m], key,
                           norm=config.norm, eps=eps, version=config.aa_version,
@@ -109,7 +115,8 @@ def run(config, workdir: str, progress: bool = True) -> dict:
                 "seconds_autoattack": time.time() - t0})
   out = {"checkpoint": config.checkpoint, "which": config.which,
          "norm": config.norm, "eps": eps, "results": res,
-         "config": common.config_dict(config)}
+         "config": common.config_dict(config),
+         "provenance": common.provenance()}
   if not main:
     return out
   common.atomic_write(os.path.join(workdir, "eval.json"),

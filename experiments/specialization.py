@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from matplotlib.figure import Figure
 import numpy as np
 
-from experiments import common, train
+from . import common, train
 from tsjax import config_checks as cc
 from tsjax import losses, methods
 from tsjax.attacks import AttackSpec
@@ -252,7 +252,8 @@ def _train_and_measure(config, workdir, rows_path, sub) -> None:
       train.run(student_config(config, method, seed, teacher_dir), run_dir)
     row = {"method": method, "seed": seed, "k": sub.k,
            **measure(config, run_dir, teacher, sub, x, y,
-                     jax.random.key(seed))}
+                     jax.random.key(seed)),
+           "provenance": common.provenance()}
     append_row(rows_path, row)
 
 
@@ -262,8 +263,8 @@ def run(config, workdir: str) -> dict:
   made again from the rows (e.g. after a change of the summary's
   statistics). A work dir of another config is refused."""
   validate(config)
-  common.prepare_workdir(workdir, config)
   train_x = images.load_dataset(config.dataset, "train", config.data_dir)
+  common.prepare_workdir(workdir, config)   # after every check
   sub = subspace.pca_subspace(train_x.images, variance=config.subspace.variance,
                               max_examples=config.subspace.max_examples)
   print(f"data subspace: k = {sub.k} directions explain "

@@ -40,7 +40,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from experiments import common
+from . import common
 from tsjax.metrics.stats import bootstrap_ci, spearman, spearman_rows
 from tsjax.train import CheckpointStore, distributed, seed_keys, seed_sweep
 from tsjax.train import teacher_student as ts
@@ -422,7 +422,7 @@ def report(config, workdir, seeds, metrics) -> dict:
   common.atomic_write(os.path.join(workdir, "summary.md"), summary)
   common.atomic_write(os.path.join(workdir, "summary.json"), json.dumps(
       {"table": table, **stats, "checks": checks, "seeds": seeds,
-       "config": cfg}, indent=2))
+       "config": cfg, "provenance": common.provenance()}, indent=2))
   print(summary)
   plots(config, workdir, metrics)
   return {"table": table, **stats, "checks": checks}

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from experiments import common
+from . import common
 from tsjax import config_checks as cc
 from tsjax import methods, models
 from tsjax.attacks import AttackSpec
@@ -66,10 +66,7 @@ def validate(config, *, teacher_trained: bool = True) -> None:
     raise cc.ConfigError(f"config field 'data.num_val' ({nv}) must be below "
                          f"'data.train_subset' ({sub}): the validation split "
                          f"is carved from the training subset")
-  name = cc.get_field(config, "model.name")
-  if name not in models.REGISTRY:
-    raise cc.ConfigError(f"config field 'model.name' must be one of "
-                         f"{sorted(models.REGISTRY)}, got {name!r}")
+  check_model_kwargs(config, "model")
   method = methods.get(cc.get_field(config, "method.name"))
   method.build_options(config.method.options)
   if offsubspace_options(config) is not None and method.init_ctx:
@@ -77,15 +74,35 @@ def validate(config, *, teacher_trained: bool = True) -> None:
                          f"augmentation to another method; method "
                          f"{method.name!r} sets up its own ctx (for "
                          f"'offsubspace' use method.options)")
-  attack_spec(config)
+  att = attack_spec(config)
+  cc.check_eps(config, "method.attack.eps", att.norm)
   spec = augment.parse_augment_spec(cc.get_field(config, "augment"), "augment")
   if method.name == "ccat" and any(n in ("mixup", "cutmix") for n, _ in spec):
     raise cc.ConfigError("config field 'augment': mixup / cutmix give soft "
                          "labels, which CCAT's targets do not take")
   if method.needs_teacher:
     _validate_teacher(config, teacher_trained)
-  _validate_train(config.train)
+  _validate_train(config)
   _validate_eval(config)
+
+
+def check_model_kwargs(config, section: str) -> None:
+  """``SECTION.name`` a registry name and ``SECTION.kwargs`` its options
+  (the config file lists those of its variant's model: after changing the
+  name on the command line the old model's options would not apply)."""
+  name = cc.get_field(config, f"{section}.name")
+  if name not in models.REGISTRY:
+    raise cc.ConfigError(f"config field '{section}.name' must be one of "
+                         f"{sorted(models.REGISTRY)}, got {name!r}")
+  options = [o for o in models.model_options(name)
+             if o not in ("num_classes", "mean", "std")]   # from the data
+  bad = sorted(set(cc.get_field(config, f"{section}.kwargs")) - set(options))
+  if bad:
+    raise cc.ConfigError(
+        f"config field '{section}.kwargs' has {bad}, which model {name!r} "
+        f"does not take (its options: {options}); choose the architecture by "
+        f"a config variant, or replace the options: "
+        f"--config.{section}.kwargs=\"{{}}\"")
 
 
 def _validate_teacher(config, trained: bool = True) -> None:
@@ -107,35 +124,48 @@ def _validate_teacher(config, trained: bool = True) -> None:
     raise cc.ConfigError(f"config field 'teacher.torch_checkpoint': no such "
                          f"file {tk!r}")
   cc.check_choice(config, "teacher.which", ("best", "last", "swa"))
+  if tk and not config.teacher.get("robustbench"):
+    check_model_kwargs(config, "teacher.model")
 
 
-def _validate_train(t) -> None:
-  p = "train."
-  cc.check_number(t, "batch_size", low=1, integer=True)
-  cc.check_number(t, "epochs", low=1, integer=True)
-  cc.check_choice(t, "optimizer", clf.OPTIMIZERS)
-  cc.check_number(t, "lr", low=0)
-  cc.check_number(t, "momentum", low=0, high=1)
-  cc.check_number(t, "weight_decay", low=0)
-  cc.check_choice(t, "weight_decay_style", clf.WEIGHT_DECAY_STYLES)
-  cc.check_choice(t, "weight_decay_on", clf.WEIGHT_DECAY_ON)
+def _validate_train(config) -> None:
+  t, p = config.train, "train."
+  cc.check_number(config, "train.batch_size", low=1, integer=True)
+  cc.check_number(config, "train.epochs", low=1, integer=True)
+  cc.check_choice(config, "train.optimizer", clf.OPTIMIZERS)
+  cc.check_number(config, "train.lr", low=0)
+  cc.check_number(config, "train.momentum", low=0, high=1)
+  cc.check_number(config, "train.weight_decay", low=0)
+  cc.check_choice(config, "train.weight_decay_style", clf.WEIGHT_DECAY_STYLES)
+  cc.check_choice(config, "train.weight_decay_on", clf.WEIGHT_DECAY_ON)
   if t.weight_decay_style == "decoupled" and t.weight_decay and not t.lr > 0:
     raise cc.ConfigError(f"config field '{p}lr' must be > 0 with decoupled "
                          f"weight decay (its rate follows schedule / lr)")
-  cc.check_number(t, "grad_clip", low=0)
-  cc.check_choice(t, "schedule", clf.SCHEDULES)
-  cc.check_choice(t, "lr_at", clf.LR_AT)
-  cc.check_number(t, "lr_factor", low=0)
-  cc.check_number(t, "ema_decay", low=0, high=1)
+  cc.check_number(config, "train.grad_clip", low=0)
+  cc.check_choice(config, "train.schedule", clf.SCHEDULES)
+  cc.check_choice(config, "train.lr_at", clf.LR_AT)
+  cc.check_number(config, "train.lr_factor", low=0)
+  cc.check_number(config, "train.ema_decay", low=0, high=1)
+  epochs = int(t.epochs)
+  for i, b in enumerate(t.get("boundaries", ())):
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not (
+        0 < b < epochs):
+      raise cc.ConfigError(
+          f"config field '{p}boundaries' entry {i} is {b!r}; learning-rate "
+          f"boundaries are epochs strictly between 0 and '{p}epochs' "
+          f"({epochs}): a later one never applies")
+  if t.get("warmup_epochs") is not None:
+    cc.check_number(config, "train.warmup_epochs", low=0, high=epochs)
   if t.swa_start_epoch is not None:
-    cc.check_number(t, "swa_start_epoch", low=0, integer=True)
-  cc.check_number(t, "log_every", low=1, integer=True)
+    cc.check_number(config, "train.swa_start_epoch", low=0, high=epochs - 1,
+                    integer=True)
+  cc.check_number(config, "train.log_every", low=1, integer=True)
 
 
 def _validate_eval(config) -> None:
   ev = config.eval
   cc.check_number(config, "eval.batch_size", low=1, integer=True)
-  cc.check_number(config, "eval.eps", low=0)
+  cc.check_eps(config, "eval.eps", "linf")
   cc.check_number(config, "eval.pgd_steps", low=1, integer=True)
   for field in ("pgd_step_size", "val_pgd_step_size"):
     if ev.get(field) is not None:
@@ -219,21 +249,29 @@ def method_loss(config, model, teacher=None):
   return loss_fn if aug is None else offsubspace.with_offsubspace(loss_fn, aug)
 
 
-def build(config, model, data, key) -> Built:
-  """The registered method of ``config.method.name`` on ``model``."""
+def method_teacher(config, data):
+  """``(teacher model, teacher ctx)`` of a method that needs one, else
+  ``(None, None)``: the file read, its checksum and architecture checked
+  (before a run writes or compiles anything)."""
+  if not methods.get(config.method.name).needs_teacher:
+    return None, None
+  normalize = bool(config.model.get("normalize", True))
+  teacher, t_params, t_state = load_teacher(
+      config.teacher, num_classes=data.num_classes,
+      mean=data.mean if normalize else (0.0,),
+      std=data.std if normalize else (1.0,), input_shape=data.image_shape)
+  models.check_input_shape(teacher, data.image_shape)
+  return teacher, teacher_ctx(t_params, t_state)
+
+
+def build(config, model, data, key, teacher=None) -> Built:
+  """The registered method of ``config.method.name`` on ``model``;
+  ``teacher``: ``method_teacher``'s pair (loaded here when not given)."""
   method = methods.get(config.method.name)
+  teacher, ctx = teacher or method_teacher(config, data)
   init_one = lambda k: clf.init_model(model, k, data.image_shape)
   params, model_state = (method.init(init_one, key) if method.init
                          else init_one(key))
-  teacher, ctx = None, None
-  if method.needs_teacher:
-    normalize = bool(config.model.get("normalize", True))
-    teacher, t_params, t_state = load_teacher(
-        config.teacher, num_classes=data.num_classes,
-        mean=data.mean if normalize else (0.0,),
-        std=data.std if normalize else (1.0,), input_shape=data.image_shape)
-    models.check_input_shape(teacher, data.image_shape)
-    ctx = teacher_ctx(t_params, t_state)
   # Entries computed once from the training images (the off-subspace
   # methods' PCA basis), by the method's hook or the offsubspace section.
   aug = offsubspace_options(config)
@@ -421,23 +459,43 @@ def results_markdown(config, summary: dict) -> str:
 
 
 # ---------------------------------------------------------------------- run
+def check_data(config, train) -> int:
+  """The checks that need the training set (before anything is written):
+  at least one batch per epoch, the batch divisible by the device count,
+  the L2 radii within the input box. Returns the steps per epoch."""
+  bs = int(config.train.batch_size)
+  if len(train) < bs:
+    raise cc.ConfigError(
+        f"config field 'train.batch_size' ({bs}) exceeds the {len(train)} "
+        f"training examples (after 'data.train_subset' and 'data.num_val'): "
+        f"lower it or use more examples")
+  devices = images.data_mesh().size
+  if bs % devices:
+    raise cc.ConfigError(
+        f"config field 'train.batch_size' ({bs}) must be divisible by the "
+        f"{devices} devices the batch is sharded over")
+  dim = int(np.prod(train.image_shape))
+  cc.check_eps(config, "method.attack.eps", config.method.attack.norm, dim)
+  return len(train) // bs
+
+
 def run(config, workdir: str, *, progress: bool = True,
         stop_after_epochs: int | None = None) -> dict | None:
-  """Trains, selects and evaluates (see the module docstring)."""
+  """Trains, selects and evaluates (see the module docstring). Every check
+  (config, data, teacher) runs before the work dir is touched, so a start
+  that fails leaves it as it was."""
   validate(config)
   distributed.initialize(config.distributed)
   train, val, test = load_data(config)
   model = make_model(config, train)
+  steps_per_epoch = check_data(config, train)
+  teacher = method_teacher(config, train)
   common.prepare_workdir(workdir, config)
 
   bs = int(config.train.batch_size)
-  steps_per_epoch = len(train) // bs
-  if steps_per_epoch < 1:
-    raise cc.ConfigError(f"config field 'train.batch_size' ({bs}) exceeds "
-                         f"the {len(train)} training examples")
   optimizer, _ = clf.make_optimizer(config.train, steps_per_epoch)
   k_init, k_train, k_eval = jax.random.split(jax.random.key(int(config.seed)), 3)
-  built = build(config, model, train, k_init)
+  built = build(config, model, train, k_init, teacher)
   state = TrainState.create(built.params, optimizer, k_train,
                             built.model_state)
   step = clf.jit_train_step(with_augmentation(built.loss_fn, config,
@@ -484,7 +542,8 @@ def run(config, workdir: str, *, progress: bool = True,
              "swa_best_epoch": (out["swa_best"]["epoch"] if out["swa_best"]
                                 else None),
              "results": results, "history": out["history"],
-             "config": common.config_dict(config)}
+             "config": common.config_dict(config),
+             "provenance": common.provenance()}
   text = results_markdown(config, summary)
   if distributed.is_main_process():   # the other processes write nothing
     common.atomic_write(os.path.join(workdir, "results.json"),

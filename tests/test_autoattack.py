@@ -233,6 +233,11 @@ def test_evaluate_command(tmp_path):
   assert r["autoattack/acc"] <= r["clean/acc"]
   saved = json.load(open(tmp_path / "eval" / "eval.json"))
   assert saved["results"]["autoattack/acc"] == r["autoattack/acc"]
+  assert saved["eps"] == c.eval.eps        # eps None: the training config's
+  assert saved["provenance"]["jax"] == jax.__version__
+  e.subset = 36                  # the same work dir, another config: refused
+  with pytest.raises(ValueError, match="holds a run made with a different"):
+    evaluate.run(e, str(tmp_path / "eval"), progress=False)
   assert (tmp_path / "eval" / "eval.md").read_text().startswith("# ")
   e2 = eval_config("smoke")
   e2.checkpoint = str(tmp_path / "nothing")

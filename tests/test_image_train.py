@@ -130,6 +130,9 @@ def test_experiment_outputs_and_resume(tmp_path):
     assert 0 <= row["pgd_acc"] <= 1 and 0 <= row["clean_acc"] <= 1
   assert 1 <= res["best_epoch"] <= 3
   assert len(res["history"]) == 3
+  assert res["provenance"]["backend"] == jax.default_backend()
+  starts = (tmp_path / "b" / "provenance.jsonl").read_text().splitlines()
+  assert len(starts) == 2                     # started, then resumed
   # metrics.jsonl and a readable TensorBoard event file
   lines = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
   assert any("train/loss" in l for l in lines)

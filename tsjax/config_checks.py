@@ -63,6 +63,24 @@ def check_number(config: Any, path: str, *, low: float | None = None,
   return value
 
 
+def check_eps(config: Any, path: str, norm: str,
+              dim: int | None = None) -> float:
+  """An attack radius on images in [0, 1]: ``>= 0``; L-inf at most 1 (the
+  error says how to write 8/255 when 8 was meant); L2 at most ``sqrt(dim)``
+  (the diameter of the input box) when ``dim`` is known."""
+  value = check_number(config, path, low=0)
+  if norm == "linf" and value > 1:
+    raise ConfigError(
+        f"config field '{path}' is {value:g}, but an L-inf radius on images "
+        f"in [0, 1] is at most 1; for {value:g}/255 pass "
+        f"--config.{path}={value:g}/255 (= {value / 255:.6g})")
+  if norm == "l2" and dim and value > math.sqrt(dim):
+    raise ConfigError(
+        f"config field '{path}' is {value:g}, larger than the L2 diameter "
+        f"sqrt({dim}) = {math.sqrt(dim):.4g} of images in [0, 1]")
+  return value
+
+
 def check_choice(config: Any, path: str, choices: Sequence[Any]) -> Any:
   value = get_field(config, path)
   if value not in choices:

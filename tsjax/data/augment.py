@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from tsjax.config_checks import ConfigError
+
 Array = jax.Array
 
 # --------------------------------------------------------------------------
@@ -665,16 +667,16 @@ def parse_augment_spec(spec: Any, field: str = "augment") -> Spec:
     elif isinstance(item, (tuple, list)) and len(item) == 2:
       name, kwargs = item[0], dict(item[1] or {})
     else:
-      raise ValueError(f"config field '{field}[{i}]' must be an op name, "
+      raise ConfigError(f"config field '{field}[{i}]' must be an op name, "
                        f"(name, kwargs) or a dict with 'name', got {item!r}")
     if name not in AUGMENTATIONS:
-      raise ValueError(f"config field '{field}[{i}]': unknown augmentation "
+      raise ConfigError(f"config field '{field}[{i}]': unknown augmentation "
                        f"{name!r}; expected one of {sorted(AUGMENTATIONS)}")
     params = inspect.signature(AUGMENTATIONS[name]).parameters
     allowed = [p for p in params if p not in ("key", "x", "y_onehot")]
     for k in kwargs:
       if k not in allowed:
-        raise ValueError(f"config field '{field}[{i}]' ({name}): unknown "
+        raise ConfigError(f"config field '{field}[{i}]' ({name}): unknown "
                          f"argument {k!r}; expected some of {allowed}")
     out.append((name, tuple(sorted(kwargs.items()))))
   return tuple(out)

@@ -99,7 +99,27 @@ def model_class(name: str) -> type:
   return getattr(entry, "model_class", entry)
 
 
-def _options(name: str) -> list[str]:
+# Fields set from the data (class count, normalisation) or by the caller's
+# numerics, not by a config's ``model.kwargs``.
+NOT_OPTIONS = ("num_classes", "mean", "std", "dtype", "param_dtype")
+
+
+def default_options(name: str) -> dict:
+  """``{option: default}`` of a registry name's architecture options (plain
+  values: numbers, strings, booleans, tuples), so a config can list them all
+  and each is overridable from the command line."""
+  out = {}
+  for f in dataclasses.fields(model_class(name)):
+    if (f.name in model_options(name) and f.name not in NOT_OPTIONS
+        and f.default is not dataclasses.MISSING
+        and isinstance(f.default, (bool, int, float, str, tuple))):
+      out[f.name] = f.default
+  return out
+
+
+def model_options(name: str) -> list[str]:
+  """The constructor options of a registry name (a preset's fixed ones
+  left out)."""
   entry = REGISTRY[name]
   cls = model_class(name)
   fixed = getattr(entry, "fixed", {})
@@ -112,10 +132,10 @@ def get_model(name: str, **kwargs):
   if name not in REGISTRY:
     raise ValueError(f"unknown model {name!r}; known models: {sorted(REGISTRY)}")
   fixed = getattr(REGISTRY[name], "fixed", {})  # overrides: the preset says
-  unknown = sorted(set(kwargs) - set(_options(name)) - set(fixed) - {"name"})
+  unknown = sorted(set(kwargs) - set(model_options(name)) - set(fixed) - {"name"})
   if unknown:
     raise ValueError(f"model {name!r} has no option(s) {unknown}; its options: "
-                     f"{_options(name)}")
+                     f"{model_options(name)}")
   return REGISTRY[name](**kwargs)
 
 
@@ -159,6 +179,7 @@ __all__ = [
     "MLP", "SmallCNN", "PreActResNet18", "ResNet18", "WideResNet",
     "MobileNetV2", "DMWideResNet", "DMPreActResNet", "CIFAR10_MEAN", "CIFAR10_STD",
     "CIFAR100_MEAN", "CIFAR100_STD", "REGISTRY", "get_model", "model_class",
+    "default_options", "model_options",
     "check_input_shape",
     "max_pool_2x2", "student_widths", "check_student_widths",
     "compute_sha256", "load_torch_state_dict", "save_state_dict_npz",

@@ -146,14 +146,25 @@ def _torch_teacher(tcfg, *, num_classes: int, mean, std, input_shape):
                            f"{sorted(models.REGISTRY)}, got {name!r}")
     kwargs = tcfg.model.kwargs.to_dict()
   entry_norm = {k: kwargs.pop(k) for k in ("mean", "std") if k in kwargs}
-  sd = torch_convert.load_torch_state_dict(tcfg.torch_checkpoint,
-                                           sha256=tcfg.get("sha256") or None)
+  sha256 = tcfg.get("sha256") or None
+  try:
+    sd = torch_convert.load_torch_state_dict(tcfg.torch_checkpoint,
+                                             sha256=sha256)
+  except ValueError as e:
+    field = "sha256" if sha256 and "sha" in str(e).lower() else (
+        "torch_checkpoint")
+    raise cc.ConfigError(f"config field 'teacher.{field}': {e}") from None
   t_mean, t_std = _teacher_norm(tcfg, models.model_class(name), sd, mean, std,
                                 entry_norm)
-  model = models.get_model(name, num_classes=num_classes, mean=t_mean,
-                           std=t_std, **kwargs)
-  params, ms = torch_convert.convert_state_dict(
-      sd, model, input_shape=input_shape, ignore=ignore)
+  arch = "robustbench" if entry else "model"
+  try:
+    model = models.get_model(name, num_classes=num_classes, mean=t_mean,
+                             std=t_std, **kwargs)
+    params, ms = torch_convert.convert_state_dict(
+        sd, model, input_shape=input_shape, ignore=ignore)
+  except ValueError as e:    # the checkpoint is not this architecture
+    raise cc.ConfigError(f"config field 'teacher.{arch}' ({name}): "
+                         f"{e}") from None
   return model, params, ms
 
 
