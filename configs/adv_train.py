@@ -112,9 +112,18 @@ def _base(dataset: str, method: str) -> ml_collections.ConfigDict:
   c.train.ema_decay = 0.0        # > 0: keep an EMA of the parameters
   c.train.swa_start_epoch = ml_collections.FieldReference(None, field_type=int)
   c.train.log_every = 50
+  # Precision of the training step's activations, matmuls and convolutions
+  # (its attack included): "float32" or "bfloat16". Parameters, optimizer
+  # state, batch-norm statistics, losses and softmax / KL stay float32.
+  c.train.compute_dtype = "float32"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 500
+  # Evaluation (selection, PGD, AutoAttack) runs the model in float32:
+  # low-precision gradients can mask an attack. "bfloat16" is refused unless
+  # eval.allow_low_precision is True.
+  c.eval.compute_dtype = "float32"
+  c.eval.allow_low_precision = False
   c.eval.eps = 0.1
   c.eval.pgd_steps = 20           # final evaluation: PGD-20
   c.eval.pgd_step_size = ml_collections.FieldReference(None, field_type=float)

@@ -160,6 +160,7 @@ def _validate_train(config) -> None:
     cc.check_number(config, "train.swa_start_epoch", low=0, high=epochs - 1,
                     integer=True)
   cc.check_number(config, "train.log_every", low=1, integer=True)
+  cc.check_choice(config, "train.compute_dtype", tuple(models.COMPUTE_DTYPES))
 
 
 def _validate_eval(config) -> None:
@@ -177,6 +178,13 @@ def _validate_eval(config) -> None:
   cc.check_choice(config, "eval.select_metric", SELECT_METRICS)
   cc.check_number(config, "eval.autoattack_subset", low=0, integer=True)
   cc.check_choice(config, "eval.autoattack_version", tuple(VERSIONS))
+  if cc.check_choice(config, "eval.compute_dtype",
+                     tuple(models.COMPUTE_DTYPES)) != "float32" and not (
+                         ev.allow_low_precision is True):
+    raise cc.ConfigError(
+        f"config field 'eval.compute_dtype' is {ev.compute_dtype!r}: "
+        f"evaluation attacks in low precision can mask gradients and "
+        f"overstate robustness; set eval.allow_low_precision=True to accept")
   bad = [p for p in ev.autoattack_params if p not in CANDIDATES]
   if bad:
     raise cc.ConfigError(f"config field 'eval.autoattack_params' has unknown "
@@ -280,8 +288,13 @@ def build(config, model, data, key, teacher=None) -> Built:
         data.images, method.build_options(config.method.options))}
   elif aug is not None:
     ctx = {**(ctx or {}), **offsubspace.init_ctx(data.images, aug)}
-  return Built(method_loss(config, model, teacher), params, model_state, ctx,
-               method.view)
+  # The step (its attack included) computes in train.compute_dtype; the
+  # parameters stay float32 and are shared with the float32 evaluation.
+  dtype = config.train.get("compute_dtype", "float32")
+  t_model = (None if teacher is None
+             else models.with_compute_dtype(teacher, dtype))
+  return Built(method_loss(config, models.with_compute_dtype(model, dtype),
+                           t_model), params, model_state, ctx, method.view)
 
 
 def with_augmentation(loss_fn, config, num_classes: int):
@@ -459,6 +472,16 @@ def results_markdown(config, summary: dict) -> str:
 
 
 # ---------------------------------------------------------------------- run
+def epoch_batches(train, batch_size: int, seed: int, epoch: int,
+                  steps_per_epoch: int, replicated):
+  """Epoch ``epoch``'s device batches, each with the epoch number (put on
+  the devices once, explicitly: the step loop allows no implicit transfer)."""
+  e = distributed.to_global(np.int32(epoch), replicated)
+  for b in images.train_batches(train.images, train.labels, batch_size,
+                                seed=seed, start_step=epoch * steps_per_epoch):
+    yield {**b, "epoch": e}
+
+
 def check_data(config, train) -> int:
   """The checks that need the training set (before anything is written):
   at least one batch per epoch, the batch divisible by the device count,
@@ -504,8 +527,10 @@ def run(config, workdir: str, *, progress: bool = True,
   ctx = jax.device_put(built.ctx, replicated) if built.ctx is not None else None
 
   ev = config.eval
+  eval_model = models.with_compute_dtype(model, ev.get("compute_dtype",
+                                                       "float32"))
   val_eval = clf.make_eval_step(
-      model, {"pgd": ("ce", select_attack(config))})
+      eval_model, {"pgd": ("ce", select_attack(config))})
   val_x, val_y = val.images[:ev.val_subset or None], val.labels[:ev.val_subset or None]
 
   def evaluate_val(params, model_state):
@@ -516,10 +541,8 @@ def run(config, workdir: str, *, progress: bool = True,
   seed = int(config.seed)
   out = fit(
       workdir=workdir, state=state, step_fn=step,
-      train_batches=lambda epoch: ({**b, "epoch": np.int32(epoch)}
-                                   for b in images.train_batches(
-          train.images, train.labels, bs, seed=seed,
-          start_step=epoch * steps_per_epoch)),
+      train_batches=lambda epoch: epoch_batches(
+          train, bs, seed, epoch, steps_per_epoch, replicated),
       ctx=ctx, view=built.view,
       epochs=int(config.train.epochs), steps_per_epoch=steps_per_epoch,
       evaluate_fn=evaluate_val if len(val_x) else None,
@@ -532,7 +555,7 @@ def run(config, workdir: str, *, progress: bool = True,
   if out["stopped"]:
     return None
 
-  results = test_rows(config, model, test, candidates(out, built.view),
+  results = test_rows(config, eval_model, test, candidates(out, built.view),
                       k_eval, progress)
   summary = {"method": config.method.name, "model": config.model.name,
              "data": config.data.name, "eps": float(ev.eps),

@@ -276,7 +276,10 @@ def test_evaluate_two_processes_equals_one_process(train_runs, tmp_path):
     for k, v in want.items():
       if k.endswith("/acc"):
         assert got[k] == v, k
-  assert sorted(os.listdir(tmp_path / "mp_eval")) == ["eval.json", "eval.md"]
+  assert sorted(os.listdir(tmp_path / "mp_eval")) == [
+      "config.json", "eval.json", "eval.md", "provenance.jsonl"]
+  with open(tmp_path / "mp_eval" / "provenance.jsonl") as f:   # process 0 only
+    assert [json.loads(l)["process_count"] for l in f] == [2]
 
 
 @pytest.mark.slow

@@ -448,6 +448,7 @@ def test_peeraid_reports_the_swa_student_selected_on_its_own(tmp_path):
   from tsjax.train.fit import fit
   import optax
 
+  @jax.jit
   def step(state, batch, ctx):          # every step adds 1 to w
     del batch, ctx
     new = state.replace(params={"w": state.params["w"] + 1.0},

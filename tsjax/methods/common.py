@@ -26,12 +26,21 @@ def variables(params, model_state):
 
 
 def forward(model, params, model_state, x, train: bool):
-  """``(logits, new_model_state)``; eval mode leaves ``model_state`` as is."""
+  """``(logits, new_model_state)``; eval mode leaves ``model_state`` as is.
+
+  Logits come back in at least float32 whatever the model computes in
+  (``tsjax.models.with_compute_dtype``), so every loss, softmax and KL is
+  float32."""
   if train and model_state:
     logits, updates = model.apply(variables(params, model_state), x,
                                   train=True, mutable=list(model_state))
-    return logits, {**model_state, **updates}
-  return model.apply(variables(params, model_state), x, train=train), model_state
+    return _at_least_f32(logits), {**model_state, **updates}
+  logits = model.apply(variables(params, model_state), x, train=train)
+  return _at_least_f32(logits), model_state
+
+
+def _at_least_f32(logits):
+  return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,6 +43,7 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from tsjax.models.cnn import SmallCNN, max_pool_2x2
 from tsjax.models.dm_wide_resnet import (CIFAR10_MEAN, CIFAR10_STD,
@@ -125,6 +126,31 @@ def model_options(name: str) -> list[str]:
   fixed = getattr(entry, "fixed", {})
   return [f.name for f in dataclasses.fields(cls)
           if f.init and f.name not in ("parent", "name") and f.name not in fixed]
+
+
+# Compute precisions a config may name (``train.compute_dtype``,
+# ``eval.compute_dtype``): activations and matmuls / convolutions run in it;
+# parameters, batch-norm statistics and logits stay float32.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def with_compute_dtype(model: nn.Module, name: str) -> nn.Module:
+  """``model`` computing in ``COMPUTE_DTYPES[name]`` (float32 parameters).
+
+  The same parameters serve both versions: ``param_dtype`` is unchanged, so
+  a bfloat16 training model and its float32 evaluation twin share one
+  parameter tree. Models without a ``dtype`` field (the MLP) are returned
+  as they are for ``"float32"`` and refused otherwise."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"unknown compute dtype {name!r}; expected one of "
+                     f"{sorted(COMPUTE_DTYPES)}")
+  fields = {f.name for f in dataclasses.fields(model)}
+  if "dtype" not in fields:
+    if name == "float32":
+      return model
+    raise ValueError(f"{type(model).__name__} has no compute dtype")
+  dtype = None if name == "float32" else COMPUTE_DTYPES[name]
+  return model if model.dtype == dtype else model.clone(dtype=dtype)
 
 
 def get_model(name: str, **kwargs):

@@ -7,12 +7,14 @@ them into a loop and ``experiments/train.py`` configures that loop.
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from tsjax import config_checks as cc
 from tsjax import losses
@@ -20,7 +22,7 @@ from tsjax.attacks import AttackSpec
 from tsjax.attacks.autoattack import VERSIONS, autoattack
 from tsjax.methods.common import ModelLogits, logits_fn
 from tsjax.train.distributed import (is_main_process, split_points, sum_hosts,
-                                    to_host)
+                                    to_global, to_host)
 from tsjax.train.state import make_train_step
 
 SCHEDULES = ("piecewise", "cosine", "exponential", "step_exponential",
@@ -157,8 +159,8 @@ def jit_train_step(loss_fn, optimizer):
   return jax.jit(make_train_step(loss_fn, optimizer), donate_argnums=0)
 
 
-@jax.jit
-def ema_update(ema, params, decay):
+@functools.partial(jax.jit, static_argnames="decay")
+def ema_update(ema, params, decay: float):
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
@@ -262,6 +264,23 @@ def _add_counts(a, b):
   return jax.tree.map(jnp.add, a, b)
 
 
+def _replicated_like(images, tree):
+  """``tree`` placed (explicitly) replicated over the mesh ``images`` is
+  sharded on; unchanged for unsharded images or a tree already there."""
+  sharding = getattr(images, "sharding", None)
+  if not isinstance(sharding, NamedSharding):
+    return tree
+  rep = NamedSharding(sharding.mesh, PartitionSpec())
+  if all(getattr(x, "sharding", None) == rep for x in jax.tree.leaves(tree)):
+    return tree
+  return to_global(tree, rep)
+
+
+def _batch_key(key, i: int, images):
+  """``fold_in(key, i)`` where the batch's devices can read it."""
+  return _replicated_like(images, jax.random.fold_in(key, i))
+
+
 def evaluate(eval_step, params, model_state, batches, key, *,
              per_example: bool = True) -> dict:
   """Runs ``eval_step`` over ``{"image", "label", "mask"}`` batches (see
@@ -276,13 +295,19 @@ def evaluate(eval_step, params, model_state, batches, key, *,
   memory. Every process must call this together with the same batches.
   """
   counts, kept = None, []
+  # No implicit transfer per batch: the batch and its key are explicit
+  # device puts; the counts come back once, at the end.
   for i, batch in enumerate(batches):
-    out = eval_step(params, model_state, batch["image"], batch["label"],
-                    jax.random.fold_in(key, i))
-    c = _masked_counts(out, batch["mask"])
-    counts = c if counts is None else _add_counts(counts, c)
-    if per_example:
-      kept.append((out, batch["mask"]))
+    if i == 0:   # once, explicitly: where the batches' devices read them
+      params, model_state = _replicated_like(batch["image"],
+                                             (params, model_state))
+    k = _batch_key(key, i, batch["image"])
+    with jax.transfer_guard("disallow"):
+      out = eval_step(params, model_state, batch["image"], batch["label"], k)
+      c = _masked_counts(out, batch["mask"])
+      counts = c if counts is None else _add_counts(counts, c)
+      if per_example:
+        kept.append((out, batch["mask"]))
   if counts is None:
     return {"per_example": {}, "num_examples": 0} if per_example else {
         "num_examples": 0}

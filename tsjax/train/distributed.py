@@ -199,16 +199,20 @@ def to_host(tree: Any) -> Any:
   first (``multihost_utils.process_allgather``: a jitted identity with a
   replicated output), so nothing reads another process's memory; every
   process must then call this together, on the same arrays. Typed PRNG keys
-  become their key data.
+  become their key data. This is an explicit transfer: it is allowed under
+  ``jax.transfer_guard("disallow")``, which the training loop runs under.
   """
-  def one(x):
-    if _is_key(x):
-      x = jax.random.key_data(x)
-    if isinstance(x, jax.Array) and not x.is_fully_addressable \
-        and not x.is_fully_replicated:
-      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-  return jax.tree.map(one, tree)
+  with jax.transfer_guard("allow"):
+    return jax.tree.map(_host_value, tree)
+
+
+def _host_value(x):
+  if _is_key(x):
+    x = jax.random.key_data(x)
+  if isinstance(x, jax.Array) and not x.is_fully_addressable \
+      and not x.is_fully_replicated:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
 
 
 @functools.lru_cache(maxsize=64)

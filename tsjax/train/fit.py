@@ -129,7 +129,8 @@ def fit(*, workdir: str, state, step_fn: Callable, train_batches: Callable[[int]
       state, ema, train_loss = _train_epoch(
           state, step_fn, train_batches(epoch), ctx, epoch, epochs,
           steps_per_epoch, writer, log_every, progress and main, workdir,
-          carry["ema"] if ema_decay else None, ema_decay, view)
+          carry["ema"] if ema_decay else None, ema_decay, view,
+          state_sharding)
       carry["state"] = state
       if ema_decay:
         carry["ema"] = ema
@@ -236,7 +237,7 @@ def epoch_line(epoch: int, epochs: int, train_loss: float, val: dict | None,
 
 def _train_epoch(state, step_fn, batches, ctx, epoch, epochs, steps_per_epoch,
                  writer, log_every, progress, workdir, ema=None, ema_decay=None,
-                 view=None):
+                 view=None, sharding=None):
   # A bar only on a terminal (disable=None): cluster logs get the epoch lines.
   bar = tqdm(total=steps_per_epoch, disable=None if progress else True,
              unit="step", desc=f"epoch {epoch + 1}/{epochs}",
@@ -244,26 +245,48 @@ def _train_epoch(state, step_fn, batches, ctx, epoch, epochs, steps_per_epoch,
   t0, seen = time.time(), 0
   pending, loss_sum = [], 0.0
   it = iter(batches)
-  for i in range(steps_per_epoch):
+  # No implicit host <-> device transfer inside the step loop: the only
+  # transfers are the batches' explicit device puts (one batch ahead, so the
+  # next batch is gathered and copied while the step runs) and the explicit
+  # metric fetches every ``log_every`` steps.
+  with jax.transfer_guard("disallow"):
+    batch = _next_batch(it, epoch, 0, steps_per_epoch, sharding)
+    for i in range(steps_per_epoch):
+      state, metrics = step_fn(state, batch, ctx)   # dispatched, not waited on
+      seen += _batch_size(batch)
+      if i + 1 < steps_per_epoch:
+        batch = _next_batch(it, epoch, i + 1, steps_per_epoch, sharding)
+      if ema is not None:
+        ema = ema_update(ema, view(state.params, state.model_state)[0],
+                         decay=ema_decay)
+      pending.append(metrics)
+      if len(pending) >= log_every or i == steps_per_epoch - 1:
+        loss_sum += _flush(pending, state, epoch, workdir, writer)
+        pending = []
+        rate = seen / max(time.time() - t0, 1e-9)
+        bar.set_postfix(img_s=f"{rate:.0f}")
+      bar.update(1)
+  bar.close()
+  return state, ema, loss_sum / steps_per_epoch
+
+
+def _next_batch(it, epoch: int, i: int, steps_per_epoch: int, sharding=None):
+  """The next batch, made with transfers allowed (the batch iterator's
+  device puts are the loop's one sanctioned transfer)."""
+  with jax.transfer_guard("allow"):
     try:
       batch = next(it)
     except StopIteration:
       raise ValueError(f"epoch {epoch} yielded only {i} batches; "
                        f"steps_per_epoch={steps_per_epoch}") from None
-    state, metrics = step_fn(state, batch, ctx)
-    if ema is not None:
-      ema = ema_update(ema, view(state.params, state.model_state)[0],
-                       ema_decay)
-    pending.append(metrics)
-    seen += _batch_size(batch)
-    if len(pending) >= log_every or i == steps_per_epoch - 1:
-      loss_sum += _flush(pending, state, epoch, workdir, writer)
-      pending = []
-      rate = seen / max(time.time() - t0, 1e-9)
-      bar.set_postfix(img_s=f"{rate:.0f}")
-    bar.update(1)
-  bar.close()
-  return state, ema, loss_sum / steps_per_epoch
+    # Host values (numpy batches of a single-process run) are put
+    # explicitly, where the state lives.
+    if any(not isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(batch)):
+      batch = jax.tree.map(
+          lambda v: v if isinstance(v, jax.Array) else (
+              jax.device_put(v, sharding) if sharding is not None
+              else jax.device_put(v)), batch)
+  return batch
 
 
 def _batch_size(batch):
@@ -274,16 +297,16 @@ def _batch_size(batch):
 def _flush(pending, state, epoch, workdir, writer) -> float:
   """Writes the mean of the pending steps' metrics; returns their summed
   loss."""
-  host = to_host(pending)
+  host, step = to_host((pending, state.step))
   finite = all(bool(m["finite"]) for m in host)
   if not finite:
     raise FloatingPointError(
         f"non-finite loss or gradient during epoch {epoch + 1} (step "
-        f"{int(state.step)}); the update was skipped and training stopped. "
+        f"{int(step)}); the update was skipped and training stopped. "
         f"The last good checkpoint (end of epoch {epoch}) in "
         f"{os.path.join(workdir, 'checkpoints')} is intact; lower the "
         f"learning rate or check the inputs.")
   keys = [k for k in host[-1] if k != "finite"]
-  writer.write_scalars(int(state.step), {
+  writer.write_scalars(int(step), {
       f"train/{k}": float(np.mean([m[k] for m in host])) for k in keys})
   return float(np.sum([m.get("loss", np.nan) for m in host]))
