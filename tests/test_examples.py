@@ -1,15 +1,18 @@
 """The runnable documentation runs: every ``examples/*.py`` script and every
-```python block of README.md, each in a fresh interpreter as a user would run
-it (so JAX's global settings, e.g. 64-bit mode, never leak in from the test
-process or another block).
+```python block of README.md and of docs/*.md, each in a fresh interpreter as
+a user would run it (so JAX's global settings, e.g. 64-bit mode, never leak in
+from the test process or another block).
 
 * Scripts are parametrized over the folder's contents: a new example is
   tested without touching this file (return code 0, some output; the known
   ones also print numbers that are checked for sanity below).
-* README blocks run in a temporary working directory (a block may write,
-  e.g. a teacher's work dir) with the repository root on ``PYTHONPATH``
-  (blocks may use a clone's ``experiments/``). Every block runs exactly as
-  written, nothing prepended.
+* Markdown blocks (ids ``README.md:LINE``, ``docs/api.md:LINE``) run in a
+  temporary working directory (a block may write, e.g. a teacher's work dir)
+  with the repository root on ``PYTHONPATH`` (blocks may use a clone's
+  ``experiments/``). Every block runs exactly as written, nothing prepended;
+  a block that only illustrates is fenced as ```text or ```bash instead.
+* Only what the selected tests need is launched (``-k docs`` runs no
+  example scripts).
 * Whatever reads Fashion-MNIST skips only when the Debian package's folder is
   missing, as the other tests do.
 """
@@ -140,58 +143,99 @@ def test_example_runs(name, launched):
     CHECKS[name](values)
 
 
-# ------------------------------------------------------------------ README
+# ------------------------------------------------------------ README, docs/
 USING = "## Using the library"
+DOCS = ["README.md"] + sorted(
+    "docs/" + f for f in os.listdir(os.path.join(ROOT, "docs"))
+    if f.endswith(".md")) if os.path.isdir(os.path.join(ROOT, "docs")) else [
+        "README.md"]
 
-def readme_blocks():
-  """``(line, section, code)`` of every ```python block of README.md."""
-  with open(os.path.join(ROOT, "README.md")) as f:
+
+def markdown_blocks(doc: str):
+  """``(doc, line, section, code)`` of every ```python block of ``doc`` (a
+  path relative to the repository root); ``line`` is the fence's line."""
+  with open(os.path.join(ROOT, doc)) as f:
     text = f.read()
   blocks = []
   for m in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
     before = text[:m.start()]
     headings = re.findall(r"^## .*$", before, re.M)
-    blocks.append((before.count("\n") + 1, headings[-1] if headings else "",
-                   m.group(1)))
+    blocks.append((doc, before.count("\n") + 1,
+                   headings[-1] if headings else "", m.group(1)))
   return blocks
 
 
-BLOCKS = readme_blocks()
+BLOCKS = [b for doc in DOCS for b in markdown_blocks(doc)]
+BLOCK_IDS = [f"{doc}:{line}" for doc, line, _, _ in BLOCKS]
 
 
 def test_readme_has_library_blocks():
-  assert sum(section == USING for _, section, _ in BLOCKS) >= 3
+  """The README shows the functional API as real, runnable python: one to
+  three short blocks under its "Using the library" heading."""
+  n = sum(doc == "README.md" and section == USING
+          for doc, _, section, _ in BLOCKS)
+  assert 1 <= n <= 3, f"{n} python blocks under {USING!r} in README.md"
+
+
+def test_docs_blocks_collected():
+  """Every page of docs/ is read, and no fence is half-open (an odd count of
+  ``` lines would swallow the rest of a page into one block)."""
+  assert "docs/api.md" in DOCS
+  for doc in DOCS:
+    with open(os.path.join(ROOT, doc)) as f:
+      fences = re.findall(r"^```", f.read(), re.M)
+    assert len(fences) % 2 == 0, f"{doc}: unbalanced ``` fences"
+
+
+def _selected_jobs(session) -> set | None:
+  """The launch keys the selected tests of this module need; None: no test
+  of this module was collected with parameters (then everything runs)."""
+  module = sys.modules[__name__]
+  keys = set()
+  for item in session.items:
+    params = getattr(getattr(item, "callspec", None), "params", None)
+    if getattr(item, "module", None) is not module or not params:
+      continue
+    if "name" in params:
+      keys.add(("example", params["name"]))
+    elif "doc" in params:
+      keys.add(("block", params["doc"], params["line"]))
+  return keys or None
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory):
-  """Every example and README block, run two at a time (each process spends
-  most of its time compiling, which is single-threaded, so two share the
-  machine's cores well): ``{(kind, name): (cwd, (returncode, stdout,
-  stderr))}``. What needs Fashion-MNIST is not run without it."""
+def launched(request, tmp_path_factory):
+  """Every selected example and markdown block, run two at a time (each
+  process spends most of its time compiling, which is single-threaded, so two
+  share the machine's cores well): ``{key: (cwd, (returncode, stdout,
+  stderr))}`` with keys ``("example", name)`` and ``("block", doc, line)``.
+  What needs Fashion-MNIST is not run without it."""
+  wanted = _selected_jobs(request.session)
   jobs = {}
   for name in EXAMPLES:
     path = os.path.join(ROOT, "examples", name)
     with open(path) as f:
       if _needs_fmnist(f.read()) and not FMNIST:
         continue
-    jobs[("example", name)] = ([path], tmp_path_factory.mktemp("example"))
-  for line, _, code in BLOCKS:
-    if _needs_fmnist(code) and not FMNIST:
+    if wanted is None or ("example", name) in wanted:
+      jobs[("example", name)] = ([path], tmp_path_factory.mktemp("example"))
+  for doc, line, _, code in BLOCKS:
+    key = ("block", doc, line)
+    if (_needs_fmnist(code) and not FMNIST) or (
+        wanted is not None and key not in wanted):
       continue
     d = tmp_path_factory.mktemp("block")
     (d / "block.py").write_text(code)
     (d / "cwd").mkdir()
-    jobs[("readme", line)] = ([str(d / "block.py")], d / "cwd")
+    jobs[key] = ([str(d / "block.py")], d / "cwd")
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
     futures = {k: pool.submit(_run, args, cwd) for k, (args, cwd) in
                jobs.items()}
     return {k: (jobs[k][1], f.result()) for k, f in futures.items()}
 
 
-@pytest.mark.parametrize("line,section,code", BLOCKS,
-                         ids=[f"README.md:{b[0]}" for b in BLOCKS])
-def test_readme_block_runs(line, section, code, launched):
+@pytest.mark.parametrize("doc,line,section,code", BLOCKS, ids=BLOCK_IDS)
+def test_markdown_block_runs(doc, line, section, code, launched):
   if _needs_fmnist(code) and not FMNIST:
     pytest.skip(f"needs `{images.FASHION_MNIST_APT}`")
-  _ok([f"README.md:{line}"], launched[("readme", line)][1])
+  _ok([f"{doc}:{line}"], launched[("block", doc, line)][1])
