@@ -73,7 +73,7 @@ regime's in-subspace specialization >= 0.8 in both and within 0.1 of each
 other, its full-rank specialization within 0.15, its clean MSE within a
 factor 10, PGD-AT's and off-subspace's full-rank specialization above the
 standard regime's in both, and the standard regime's unrestricted robust
-rel-MSE at least 5x PGD-AT's in both (README, 8 seeds: ~90x; one seed of
+rel-MSE at least 5x PGD-AT's in both (default study, 8 seeds: ~90x; one seed of
 10 000 steps already gave 0.84-0.85 in-subspace and 0.31-0.33 full-rank
 specialization, 12x / 9x, in the two frameworks). A failed check exits
 with status 1 (results JSON written with ``agreement_ok: false``,

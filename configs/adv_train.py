@@ -21,7 +21,7 @@ code, instead of tsjax's documented defaults: ``_adaad``).
 ``RECIPES[method]`` then sets what the paper's code runs. Fashion-MNIST
 variants are CPU budgets (small CNN, L-inf eps 0.1). CIFAR / TinyImageNet
 variants reproduce each reference *as executed* (``reference`` in the results
-file; README "Recipes" table), with two deliberate differences kept as
+file; the recipe table of docs/training.md), with two deliberate differences kept as
 defaults: model selection on a validation split carved from train
 (``eval.select_on="test"`` reproduces the references' test-set selection;
 ``data.num_val=0`` their full training set).

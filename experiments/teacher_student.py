@@ -21,7 +21,7 @@ of each, seconds, ETA of the training) and each evaluation.
 Devices (``Placement``): on one process with several devices (by default one
 XLA CPU device per core, ``distributed.cpu_devices``) the regimes train side
 by side, one device each. Several processes (``--config.distributed.*``, see
-the README): the seeds are sharded over all devices of all processes; every
+docs/many_hosts.md): the seeds are sharded over all devices of all processes; every
 process takes part in the
 checkpoints, only process 0 writes files and prints.
 """

@@ -5,4 +5,4 @@ losses, metrics, training-method losses, train/sweep/checkpoint utilities).
 Experiments live in ``experiments/`` and their configs in ``configs/``.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

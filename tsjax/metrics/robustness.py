@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from tsjax import losses
 from tsjax.attacks import AttackSpec
-from tsjax.methods.teacher_student import Networks, disagreement
+from tsjax.models.pair import Networks, disagreement
 
 
 def robust_regression_error(nets: Networks, params, ctx, x, key,

@@ -109,6 +109,7 @@ import numpy as np
 from tsjax.models.cnn import SmallCNN
 from tsjax.models.dm_wide_resnet import (CIFAR10_MEAN, CIFAR10_STD,
                                          DMPreActResNet, DMWideResNet)
+from tsjax.models.registry import get_model
 from tsjax.models.resnet import PreActResNet18, ResNet18
 from tsjax.models.wide_resnet import WideResNet
 
@@ -306,6 +307,24 @@ def save_state_dict_npz(state_dict: Mapping, path: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------- key maps
+# DeepMind models (RobustBench dm_wide_resnet.py): top-level names, the tsjax
+# block-name pattern, per-block names and the PyTorch block path.
+_DM_NAMES = {
+    DMPreActResNet: (
+        {"stem_conv": "conv_2d", "final_bn": "batchnorm", "fc": "logits"},
+        r"layer(\d+)_(\d+)",
+        {"bn1": "batchnorm_0", "conv1": "conv_2d_1", "bn2": "batchnorm_1",
+         "conv2": "conv_2d_2", "shortcut_conv": "shortcut"},
+        "layer_{group}.{block}.{sub}"),
+    DMWideResNet: (
+        {"stem_conv": "init_conv", "final_bn": "batchnorm", "fc": "logits"},
+        r"block(\d+)_(\d+)",
+        {"bn1": "batchnorm_0", "conv1": "conv_0", "bn2": "batchnorm_1",
+         "conv2": "conv_1", "shortcut_conv": "shortcut"},
+        "layer.{group}.block.{block}.{sub}"),
+}
+
+
 def _torch_prefix(model: nn.Module, path: tuple[str, ...]) -> str:
   """PyTorch module name of the Flax submodule at ``path``."""
   if isinstance(model, SmallCNN):
@@ -329,24 +348,13 @@ def _torch_prefix(model: nn.Module, path: tuple[str, ...]) -> str:
     if len(path) == 2 and m:
       sub = {"shortcut_conv": "convShortcut"}.get(path[1], path[1])
       return f"block{m[1]}.layer.{m[2]}.{sub}"
-  elif isinstance(model, DMPreActResNet):
-    top = {"stem_conv": "conv_2d", "final_bn": "batchnorm", "fc": "logits"}
+  elif isinstance(model, (DMPreActResNet, DMWideResNet)):
+    top, block, sub, fmt = _DM_NAMES[type(model)]
     if len(path) == 1 and path[0] in top:
       return top[path[0]]
-    m = re.fullmatch(r"layer(\d+)_(\d+)", path[0])
-    sub = {"bn1": "batchnorm_0", "conv1": "conv_2d_1", "bn2": "batchnorm_1",
-           "conv2": "conv_2d_2", "shortcut_conv": "shortcut"}
+    m = re.fullmatch(block, path[0])
     if len(path) == 2 and m and path[1] in sub:
-      return f"layer_{int(m[1]) - 1}.{m[2]}.{sub[path[1]]}"
-  elif isinstance(model, DMWideResNet):
-    top = {"stem_conv": "init_conv", "final_bn": "batchnorm", "fc": "logits"}
-    if len(path) == 1 and path[0] in top:
-      return top[path[0]]
-    m = re.fullmatch(r"block(\d+)_(\d+)", path[0])
-    sub = {"bn1": "batchnorm_0", "conv1": "conv_0", "bn2": "batchnorm_1",
-           "conv2": "conv_1", "shortcut_conv": "shortcut"}
-    if len(path) == 2 and m and path[1] in sub:
-      return f"layer.{int(m[1]) - 1}.block.{m[2]}.{sub[path[1]]}"
+      return fmt.format(group=int(m[1]) - 1, block=m[2], sub=sub[path[1]])
   raise AssertionError(f"no PyTorch name for {type(model).__name__} "
                        f"submodule {'/'.join(path)}")
 
@@ -369,7 +377,6 @@ def _describe(model: nn.Module, name: str | None = None) -> str:
 
 def _build_model(model: str | nn.Module, model_kwargs: dict):
   if isinstance(model, str):
-    from tsjax.models import get_model  # pylint: disable=import-outside-toplevel
     return get_model(model, **model_kwargs), model
   if model_kwargs:
     raise ValueError(f"model options {sorted(model_kwargs)} are only used "
