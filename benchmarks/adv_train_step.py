@@ -315,7 +315,7 @@ def tsjax_config(model_name: str, variant: str = "cifar10,pgd_at"):
   # 0.025, lr 0.05; both 10 steps, eval-mode attack.
   c = get_config(variant)
   c.augment = ""                     # no augmentation: only the PGD-AT step
-  c.model.name = model_name
+  c.model.name, c.model.kwargs = model_name, {}   # the model's defaults
   c.train.batch_size = BATCH
   validate(c)
   return c
