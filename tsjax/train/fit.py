@@ -9,7 +9,10 @@ appended to ``log.txt``) and, on a terminal, a progress bar with throughput,
 checkpoints every epoch with Orbax (atomic; a killed run resumes from the last
 finished epoch and, with the deterministic per-epoch batch order it expects,
 ends with the same parameters), and stops with a clear error on a non-finite
-loss, leaving the last good checkpoint intact.
+loss, leaving the last good checkpoint intact. The step loop makes no
+implicit host <-> device transfer (it runs under
+``jax.transfer_guard("disallow")``; the next batch is put while the step
+runs, metrics are fetched every ``log_every`` steps).
 
 Several processes (``jax.distributed``): every process runs ``fit`` with the
 same arguments (global batches, a state replicated by ``state_sharding``);
@@ -281,12 +284,8 @@ def _next_batch(it, epoch: int, i: int, steps_per_epoch: int, sharding=None):
                        f"steps_per_epoch={steps_per_epoch}") from None
     # Host values (numpy batches of a single-process run) are put
     # explicitly, where the state lives.
-    if any(not isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(batch)):
-      batch = jax.tree.map(
-          lambda v: v if isinstance(v, jax.Array) else (
-              jax.device_put(v, sharding) if sharding is not None
-              else jax.device_put(v)), batch)
-  return batch
+    return jax.tree.map(lambda v: v if isinstance(v, jax.Array)
+                        else jax.device_put(v, sharding), batch)
 
 
 def _batch_size(batch):
