@@ -24,7 +24,7 @@ import tsjax
 from tsjax import configs as packaged_configs
 from tsjax.config_checks import ConfigError
 from tsjax.data.images import DatasetNotPreparedError
-from tsjax.xla_cpu import use_unrolled_threefry
+from tsjax.backend.cpu import IMAGE_XLA_FLAGS, use_unrolled_threefry
 
 
 def config_dict(config: ml_collections.ConfigDict) -> dict:
@@ -358,12 +358,7 @@ def enable_compilation_cache(path: str | None) -> str | None:
   return current or None
 
 
-# XLA:CPU flags of the image experiments: convolutions by XLA's own kernels
-# instead of YNNPACK's, which are 2-4x slower on the small CNN's 28x28 layers
-# (benchmarks/image_op_profile.py); matrix products stay in YNNPACK. Forward
-# values are bitwise the same; gradients differ in the last bits (~1e-7
-# relative in float32). Ignored by other backends.
-IMAGE_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=individual_dot",)
+# IMAGE_XLA_FLAGS (tsjax.backend.cpu) is re-exported for the image experiments.
 
 
 def add_xla_flags(flags) -> list[str]:
@@ -379,7 +374,7 @@ def add_xla_flags(flags) -> list[str]:
 def prepare_backend(xla_flags=()) -> None:
   """What every experiment sets before JAX compiles anything: its
   ``xla_flags`` (``add_xla_flags``) and the unrolled threefry lowering on
-  the CPU backend (``tsjax.xla_cpu``: the same random bits, fewer executed
+  the CPU backend (``tsjax.backend.cpu``: the same random bits, fewer executed
   operations per draw)."""
   add_xla_flags(xla_flags)
   use_unrolled_threefry()

@@ -45,7 +45,7 @@ from tsjax.metrics.stats import bootstrap_ci, spearman, spearman_rows
 from tsjax.train import CheckpointStore, distributed, seed_keys, seed_sweep
 from tsjax.train import teacher_student as ts
 from tsjax.train.fit import format_seconds
-from tsjax.train.sweep import RUN_FEW, RUN_ONCE
+from tsjax.backend import cpu
 
 
 def run(config, workdir: str, *, progress: bool = True,
@@ -72,7 +72,8 @@ def run(config, workdir: str, *, progress: bool = True,
       f"regimes on {jax.device_count()} {jax.default_backend()} device(s) "
       f"({distributed.describe()}; {place.describe()}); work dir {workdir}")
   keys = seed_keys(config.seed, config.num_seeds)
-  setup = seed_sweep(study.problem, place.setup, compiler_options=RUN_ONCE)
+  setup = seed_sweep(study.problem, place.setup,
+                     compiler_options=cpu.compile_options("run_once"))
   trainers = training_programs(study, place)
   with concurrent.futures.ThreadPoolExecutor(1) as background:
     ready = compile_training_ahead(background, trainers, study, config,
@@ -80,7 +81,7 @@ def run(config, workdir: str, *, progress: bool = True,
     problems = setup(keys)
     datasets = Datasets(study, config, problems, place)
     evaluate = seed_sweep(study.evaluate, place.setup, sequential=True,
-                          compiler_options=RUN_FEW)
+                          compiler_options=cpu.compile_options("run_few"))
     eval_args = lambda regime, states: (
         place.put(states[regime], place.setup), problems,
         place.put(datasets.eval_inputs(regime, states), place.setup))

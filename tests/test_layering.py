@@ -14,7 +14,7 @@ PKG = os.path.join(ROOT, "tsjax")
 # Bottom to top. ``experiments`` and ``configs`` (links to the top-level
 # directories, the programs built on the library) may import anything.
 LAYERS = (
-    ("config_checks", "xla_cpu"),
+    ("config_checks", "backend"),
     ("losses",),
     ("attacks",),
     ("models",),

@@ -13,7 +13,7 @@ from tsjax.data import synthetic
 from tsjax.train import (TrainState, make_train_step, sample_batch, seed_keys,
                          seed_sweep, train_steps)
 from tsjax.attacks import pgd
-from tsjax.train import sweep as sweep_lib
+from tsjax.backend import cpu as backend_cpu
 from tsjax.train.teacher_student import TeacherStudent, run_seeds
 
 STEPS = 200
@@ -28,7 +28,7 @@ def study(make_small_config):
   study = TeacherStudent(config)
   # compiled as the study compiles its set-up (it runs once)
   study.jit_problem = jax.jit(study.problem,
-                              compiler_options=sweep_lib.RUN_ONCE)
+                              compiler_options=backend_cpu.RUN_ONCE)
 
   @functools.partial(jax.jit, static_argnums=(0,))
   def jit_train(regime, problem):
@@ -176,7 +176,7 @@ def test_low_rank_coordinates_hold_in_span_noise_only(make_small_config):
   c = make_small_config()
   c.regimes = ("standard",)
   c.data.noise_in = 0.3
-  once = functools.partial(jax.jit, compiler_options=sweep_lib.RUN_ONCE)
+  once = functools.partial(jax.jit, compiler_options=backend_cpu.RUN_ONCE)
   problem = once(TeacherStudent(c).problem)(jax.random.key(4))
   x = np.asarray(problem["x_train"])
   z = np.asarray(problem["z_train"])
@@ -285,7 +285,7 @@ def test_compile_presets_small_program(options):
   keys = seed_keys(1, 3)
   ws = jax.random.normal(jax.random.key(0), (3, 5, 4), jnp.float64)
   want = seed_sweep(fn)(keys, ws)
-  got = seed_sweep(fn, compiler_options=getattr(sweep_lib, options))(keys, ws)
+  got = seed_sweep(fn, compiler_options=getattr(backend_cpu, options))(keys, ws)
   for k in want:   # RUN_ONCE rounds differently in the last bits (~1e-14)
     np.testing.assert_allclose(got[k], want[k], rtol=1e-10, atol=1e-12,
                                err_msg=k)
@@ -303,7 +303,7 @@ def test_compile_presets_compute_the_default_programs_results(small_config,
   c = small_config
   c.regimes = ("pgd_at",)
   study = TeacherStudent(c)
-  opts = getattr(sweep_lib, options)
+  opts = getattr(backend_cpu, options)
   keys = seed_keys(0, 2)
   problems = seed_sweep(study.problem)(keys)
   if options == "RUN_ONCE":

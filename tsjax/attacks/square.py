@@ -45,7 +45,7 @@ pass on the whole batch (finished examples are masked, not dropped) inside a
 ``lax.fori_loop``, each on the examples still robust.
 
 Performance notes (CPU): one ``jax.random.bits`` draw per iteration (each
-random call is a threefry loop), the l2 update in a [B, C, H*W] layout with
+random call costs a hash evaluation), the l2 update in a [B, C, H*W] layout with
 pixel sums as matmuls, the pseudo-Gaussian square placed by slicing a
 precomputed canvas, int32 index arithmetic (int64 under x64 is ~4x slower).
 """
@@ -344,8 +344,8 @@ def _single_run(logits_fn, x, y, key, active, *, norm, eps, queries, p_init,
     i, x_best, m, nq, hist = state
     act = todo(m)
     s = sizes[i]
-    # One draw of random bits per iteration (each jax.random call is a
-    # threefry loop on CPU): [B, c] signs, then 2 (linf) or 5 (l2) fields.
+    # One draw of random bits per iteration (each jax.random call costs a
+    # hash evaluation): [B, c] signs, then 2 (linf) or 5 (l2) fields.
     bits = jax.random.bits(jax.random.fold_in(k_loop, i),
                            (b, c + (2 if norm == "linf" else 5)), jnp.uint32)
     signs = 1.0 - 2.0 * (bits[:, :c] >> 31).astype(x.dtype)       # [B, c]

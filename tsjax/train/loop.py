@@ -14,7 +14,7 @@ coordinates and rebuilds a batch's inputs with one small matrix product:
 The batch indices of ``index_block`` consecutive steps are drawn in one
 vectorised call, and their rows gathered in one gather, before those steps
 run (the same keys as ``sample_batch``, so the same batches). On a CPU this
-matters twice over: a threefry call per step costs about as much as the step
+matters twice over: a random-bits call per step costs about as much as the step
 itself, and XLA splits a per-step gather from a large array over two threads,
 so every step of a single run waited for a second core (2x slower wall time
 on two busy cores).

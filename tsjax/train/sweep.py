@@ -44,18 +44,6 @@ def _leading(args) -> int:
   return sizes.pop()
 
 
-# XLA compile options for programs that run once (a study's set-up): LLVM's
-# optimisations cost seconds of compiling and buy milliseconds of running.
-# Float results may differ from the optimised program's in the last bits.
-RUN_ONCE = {"xla_backend_optimization_level": 0}
-# ... and for programs that run a few times on large batches (a study's
-# evaluation): LLVM's level-1 pipeline keeps the vectorised loops, so they
-# run as fast as at the default level, and compiles ~25% faster (the
-# teacher-student evaluation: 1.95 s -> 1.5 s of compiling, 3.3 -> 2.5
-# CPU-s, the same run time; bitwise the same metrics in the runs checked).
-RUN_FEW = {"xla_backend_optimization_level": 1}
-
-
 @functools.partial(jax.jit, static_argnums=1)
 def _pad_seeds(tree, pad: int):
   """Every leaf's leading (seed) axis extended by ``pad`` copies of its last
@@ -83,7 +71,7 @@ def seed_sweep(fn: Callable, devices: Sequence[jax.Device] | None = None,
     static_argnums: positions of hashable, non-array arguments shared by all
       seeds (e.g. a step count); they are passed through unchanged.
     compiler_options: XLA options of the compiled program (e.g.
-      ``RUN_ONCE``, ``RUN_FEW``), as ``jax.jit`` takes them.
+      ``tsjax.backend.cpu.compile_options``), as ``jax.jit`` takes them.
     sequential: each device runs its seeds one after another inside the
       program (``lax.map``) instead of ``vmap``-ing them. For a function whose
       one-seed working set is already large (the study's evaluation: 2048

@@ -1,4 +1,4 @@
-"""The unrolled threefry lowering (``tsjax.xla_cpu``) gives JAX's bits.
+"""The unrolled threefry lowering (``tsjax.backend.cpu``) gives JAX's bits.
 
 Checked three ways: the Random123 known answers of Threefry-2x32-20, an
 independent NumPy implementation, and whole ``jax.random`` streams (draws,
@@ -14,9 +14,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.extend.random import threefry2x32_p
 
-from tsjax import xla_cpu
+from tsjax.backend import cpu as xla_cpu
 
 # Random123's kat_vectors, threefry2x32_20: (key, counter) -> output.
 KNOWN_ANSWERS = [
@@ -109,3 +110,14 @@ def test_unrolled_threefry_same_random_streams_as_jax():
   assert set(theirs) == set(mine) and len(mine) == 8
   for name in theirs:
     assert mine[name] == theirs[name], name
+
+
+def test_compile_presets_only_on_the_cpu_backend(monkeypatch):
+  assert xla_cpu.compile_options("run_once") == {
+      "xla_backend_optimization_level": 0}
+  assert xla_cpu.compile_options("run_few") == {
+      "xla_backend_optimization_level": 1}
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert xla_cpu.compile_options("run_once") == {}
+  with pytest.raises(ValueError, match="run_twice"):
+    xla_cpu.compile_options("run_twice")
