@@ -121,7 +121,7 @@ def needed_passes(config) -> tuple[list, list]:
   return need, named
 
 
-def _data(quick: bool):
+def _data():
   return types.SimpleNamespace(
       image_shape=(32, 32, 3), num_classes=10, mean=(0.49, 0.48, 0.45),
       std=(0.25, 0.24, 0.26), images=np.zeros((BATCH, 32, 32, 3), np.uint8),
@@ -215,7 +215,7 @@ def time_steps(compiled, state, batch, ctx, n: int) -> float | None:
 def analyse(method: str, student: str, dtype: str, *, quick: bool,
             memory_gb: float, timed_steps: int = 0) -> dict:
   config = paper_config(method, student, dtype, quick)
-  data = _data(quick)
+  data = _data()
   key = jax.random.key(0)
   model = exp.make_model(config, data)
   teacher = _teacher(config, data, jax.random.fold_in(key, 1))

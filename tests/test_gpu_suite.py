@@ -20,6 +20,8 @@ def test_gpu_suite_cpu_dry_run(tmp_path):
   assert all(r["returncode"] == 0 for r in summary["parts"].values())
   program = json.loads((tmp_path / "program.json").read_text())
   (row,) = program["runs"].values()
-  # The compiled bf16 PGD-AT step does what the method needs, no more.
-  assert row["conv_loops"] == 0 and abs(row["excess"]) < 0.05, row
+  # The compiled bf16 PGD-AT step does what the method needs: at this tiny
+  # width its other work (augmentation, loss, optimizer) is ~4% of the
+  # passes, and one attack step more or less would move it by ~9%.
+  assert row["conv_loops"] == 0 and 0 <= row["excess"] < 0.065, row
   assert row["step_s"] > 0
